@@ -1,0 +1,5 @@
+import sys
+
+from istio.istioctl.main import main
+
+sys.exit(main())

@@ -1,0 +1,303 @@
+"""istioctl: create, read, replace, delete and validate the mesh's config.
+
+Exit status 0 on success, 1 when the input or the store said no (one precise line per problem
+on stderr), 2 for a malformed command line. User input never produces a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import TextIO
+
+from istio.config import (
+    DEFAULT_REGISTRY,
+    Config,
+    ConfigError,
+    Problem,
+    Schema,
+    parse_documents,
+    to_object,
+)
+from istio.config.parse import dump_yaml
+from istio.configstore import ConfigStore, open_store
+
+STORE_ENV = "ISTIO_CONFIG_STORE"
+MESH_DIR_ENV = "MESH_DIR"
+
+
+def default_store_url() -> str:
+    """ISTIO_CONFIG_STORE, else the local mesh's store: $MESH_DIR (default .mesh)/config."""
+    if url := os.environ.get(STORE_ENV):
+        return url
+    mesh_dir = Path(os.environ.get(MESH_DIR_ENV, ".mesh")).resolve()
+    return f"file://{mesh_dir / 'config'}"
+
+
+def type_name(schema: Schema) -> str:
+    """The dashed lowercase name 0.2's istioctl printed: RouteRule -> route-rule."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", schema.kind).lower()
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; printed as one line per problem."""
+
+    def __init__(self, problems: Sequence[Problem | str]) -> None:
+        self.problems = [p if isinstance(p, Problem) else Problem(p) for p in problems]
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def read_configs(files: Sequence[str], namespace: str | None) -> list[Config]:
+    """Every object in the files (directories expand to their YAML/JSON files, `-` is stdin).
+
+    All files are parsed before anything is written: any problem anywhere stops the command.
+    """
+    configs: list[Config] = []
+    problems: list[Problem] = []
+    for source, text in _read_sources(files, problems):
+        parsed, found = parse_documents(text, source, namespace=namespace)
+        configs.extend(parsed)
+        problems.extend(found)
+    seen: dict[tuple[str, str, str], int] = {}
+    for config in configs:
+        seen[config.key] = seen.get(config.key, 0) + 1
+    for key, count in seen.items():
+        if count > 1:
+            problems.append(
+                Problem(
+                    f"appears {count} times in the input", kind=key[0], name=f"{key[1]}/{key[2]}"
+                )
+            )
+    if problems:
+        raise UserError(problems)
+    if not configs:
+        raise UserError(["no config objects found in " + ", ".join(files)])
+    return configs
+
+
+def _read_sources(files: Sequence[str], problems: list[Problem]) -> Iterator[tuple[str, str]]:
+    for name in files:
+        if name == "-":
+            yield "<stdin>", sys.stdin.read()
+            continue
+        path = Path(name)
+        paths = (
+            sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
+            if path.is_dir()
+            else [path]
+        )
+        for item in paths:
+            try:
+                yield str(item), item.read_text()
+            except (OSError, UnicodeDecodeError) as error:
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+                problems.append(Problem(f"cannot read: {reason}", source=str(item)))
+
+
+def _describe(config: Config) -> str:
+    schema = DEFAULT_REGISTRY.by_kind(config.meta.kind)
+    assert schema is not None
+    return f"{type_name(schema)}/{config.meta.namespace}/{config.meta.name}"
+
+
+async def _apply(
+    store: ConfigStore, verb: str, configs: list[Config], out: TextIO
+) -> list[Problem]:
+    failures: list[Problem] = []
+    for config in configs:
+        try:
+            if verb == "create":
+                stored = await store.create(config)
+                revision = stored.meta.resource_version
+                print(f"Created config {_describe(stored)} at revision {revision}", file=out)
+            elif verb == "replace":
+                stored = await store.update(config)
+                revision = stored.meta.resource_version
+                print(f"Updated config {_describe(stored)} to revision {revision}", file=out)
+            else:
+                meta = config.meta
+                await store.delete(meta.kind, meta.name, meta.namespace)
+                print(f"Deleted config: {_describe(config)}", file=out)
+        except ConfigError as error:
+            failures.extend(error.problems)
+    return failures
+
+
+async def run_write(options: argparse.Namespace, out: TextIO) -> None:
+    if options.verb == "delete" and options.names:
+        configs = await _named_objects(options)
+    else:
+        if not options.files:
+            raise UserError([f"{options.verb} needs -f FILE (or, for delete, KIND NAME...)"])
+        configs = read_configs(options.files, options.namespace)
+    store = open_store(options.config_store)
+    try:
+        failures = await _apply(store, options.verb, configs, out)
+    finally:
+        await store.close()
+    if failures:
+        raise UserError(failures)
+
+
+async def _named_objects(options: argparse.Namespace) -> list[Config]:
+    kind, *names = options.names
+    if not names:
+        raise UserError([f"delete {kind} needs at least one NAME"])
+    schema = DEFAULT_REGISTRY.resolve(kind)
+    from istio.config import ConfigMeta
+
+    namespace = options.namespace or "default"
+    return [
+        Config(ConfigMeta(schema.kind, schema.api_version, name, namespace), schema.message())
+        for name in names
+    ]
+
+
+async def run_get(options: argparse.Namespace, out: TextIO) -> None:
+    schema = DEFAULT_REGISTRY.resolve(options.kind)
+    namespace = None if options.all_namespaces else (options.namespace or "default")
+    store = open_store(options.config_store)
+    try:
+        if options.name:
+            found = await store.get(schema.kind, options.name, namespace or "default")
+            if found is None:
+                raise UserError(
+                    [
+                        Problem(
+                            "not found",
+                            kind=schema.kind,
+                            name=f"{namespace or 'default'}/{options.name}",
+                        )
+                    ]
+                )
+            configs = [found]
+        else:
+            configs = await store.list(schema.kind, namespace)
+    finally:
+        await store.close()
+    objects = [to_object(c) for c in configs]
+    if options.output == "yaml":
+        if objects:
+            out.write(dump_yaml(objects))
+    elif options.output == "json":
+        value: object = objects[0] if options.name else objects
+        out.write(json.dumps(value, indent=2) + "\n")
+    elif not configs:
+        print(f"No resources found in {namespace or 'any'} namespace.", file=sys.stderr)
+    else:
+        rows = [("NAME", "KIND", "NAMESPACE")] + [
+            (c.meta.name, f"{c.meta.kind}.{c.meta.api_version.split('/')[0]}", c.meta.namespace)
+            for c in configs
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for row in rows:
+            print(
+                "   ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out
+            )
+
+
+def run_validate(options: argparse.Namespace, out: TextIO) -> None:
+    configs = read_configs(options.files, options.namespace)
+    for config in configs:
+        print(f"{_describe(config)}: valid", file=out)
+
+
+def _kinds_help() -> str:
+    lines = ["kinds (any of the names):"]
+    for schema in DEFAULT_REGISTRY:
+        lines.append(f"  {schema.kind:<20} {', '.join(sorted(set(schema.names()[1:])))}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="istioctl",
+        description="Manage the mesh's config (Istio 0.2's routing and Mixer kinds).",
+    )
+    parser.add_argument(
+        "--config-store",
+        default=None,
+        metavar="URL",
+        help="file:///dir, etcd://host:port/prefix or kube:// "
+        f"(default ${STORE_ENV}, else the local mesh's $MESH_DIR/config)",
+    )
+    parser.add_argument("-n", "--namespace", default=None, help="namespace (default: default)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for verb, summary in (
+        ("create", "create config from files"),
+        ("replace", "replace existing config with the files' version"),
+        ("delete", "delete the config in files, or KIND NAME..."),
+    ):
+        command = commands.add_parser(verb, help=summary, description=summary)
+        command.add_argument(
+            "-f",
+            "--file",
+            dest="files",
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="YAML/JSON file, directory, or - for stdin; repeatable",
+        )
+        if verb == "delete":
+            command.add_argument("names", nargs="*", metavar="KIND NAME", help="kind and names")
+        command.set_defaults(verb=verb, names=[] if verb != "delete" else None)
+
+    get = commands.add_parser(
+        "get",
+        help="show config",
+        description="Show config of one kind.",
+        epilog=_kinds_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    get.add_argument("kind", help="kind, plural or alias (route-rule, routerules, ...)")
+    get.add_argument("name", nargs="?", help="one object's name")
+    get.add_argument("-o", "--output", choices=("short", "yaml", "json"), default="short")
+    get.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+
+    validate = commands.add_parser(
+        "validate", help="check files without a store", description="Check files offline."
+    )
+    validate.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="YAML/JSON file, directory, or - for stdin; repeatable",
+    )
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    options = build_parser().parse_args(argv)
+    if options.config_store is None:
+        options.config_store = default_store_url()
+    try:
+        if options.command in ("create", "replace", "delete"):
+            asyncio.run(run_write(options, out))
+        elif options.command == "get":
+            asyncio.run(run_get(options, out))
+        elif options.command == "validate":
+            run_validate(options, out)
+        else:
+            print(f"istioctl {version('istio-istioctl')}", file=out)
+    except (UserError, ConfigError) as error:
+        for problem in error.problems:
+            print(f"Error: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
