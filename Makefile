@@ -1,0 +1,80 @@
+# The two commands a user needs: `make up` (later: the mesh with Bookinfo) and `make test`.
+# Every target installs what it needs first, and each is safe to run again.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON_PREFERENCE := only-system
+UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+
+# Debian packages the tests run for real, as `command:package`.
+DEBIAN_PACKAGES := etcd:etcd-server
+
+SRC_DIRS := $(wildcard libs/*/src services/*/src)
+TEST_DIRS := $(wildcard libs/*/tests services/*/tests) samples tools
+
+.PHONY: help setup venv debian-packages test lint type gen-check build-check unit protos fmt clean
+
+help:
+	@echo "make setup   install everything the mesh and its tests need (idempotent)"
+	@echo "make test    lint, types, generated-code check, BUILD deps check, every test"
+	@echo "make protos  regenerate libs/api from proto/"
+	@echo "make fmt     format the code"
+
+setup: debian-packages venv
+
+venv: $(VENV)/.synced
+
+$(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+	@if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then \
+		echo "setup: installing uv"; \
+		python3 -m pip install --quiet uv || python3 -m pip install --quiet --break-system-packages uv; \
+	fi
+	@echo "setup: syncing $(VENV) from uv.lock"
+	$(UV) sync --all-packages --frozen --quiet
+	@touch $@
+
+debian-packages:
+	@missing=""; \
+	for pair in $(DEBIAN_PACKAGES); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "setup: Debian packages present"; exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "setup: missing Debian packages:$$missing. Run 'sudo make setup' to install them." >&2; \
+		exit 1; \
+	fi; \
+	echo "setup: installing Debian packages:$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+
+test: setup lint type gen-check build-check unit
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+type: venv
+	$(VENV)/bin/mypy $(SRC_DIRS)
+
+gen-check: venv
+	$(PY) tools/protogen --check
+
+build-check: venv
+	$(PY) tools/build check
+
+unit: venv
+	$(VENV)/bin/pytest -q $(TEST_DIRS)
+
+protos: venv
+	$(PY) tools/protogen
+
+fmt: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache
