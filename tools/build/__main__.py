@@ -2,7 +2,7 @@
 
     python tools/build list                 every target, with its kind
     python tools/build protos [--check]     regenerate (or check) libs/api from proto/
-    python tools/build test TARGET...       run the tests of //libs/config, //services/istioctl:tests
+    python tools/build test TARGET...       run a target's tests (//libs/config:tests)
     python tools/build check                fail when a BUILD file's deps differ from what the
                                             package imports or what its pyproject declares
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from buildfiles import ROOT, load_targets  # noqa: E402
-from depcheck import check_all  # noqa: E402
+from buildfiles import ROOT, load_targets
+from depcheck import check_all
 
 
 def main() -> int:

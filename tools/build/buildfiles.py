@@ -47,14 +47,22 @@ def _evaluate(build_file: Path) -> list[Target]:
         for pattern in patterns:
             found.update(globbing.glob(pattern, root_dir=build_file.parent, recursive=True))
         for pattern in exclude or []:
-            found.difference_update(globbing.glob(pattern, root_dir=build_file.parent, recursive=True))
+            found.difference_update(
+                globbing.glob(pattern, root_dir=build_file.parent, recursive=True)
+            )
         return sorted(found)
 
     def rule(kind: str) -> Callable[..., None]:
-        def declare(*, name: str, srcs: list[str] | None = None, deps: list[str] | None = None,
-                    **attributes: Any) -> None:
-            targets.append(Target(package, name, kind, tuple(srcs or ()), tuple(deps or ()),
-                                  attributes))
+        def declare(
+            *,
+            name: str,
+            srcs: list[str] | None = None,
+            deps: list[str] | None = None,
+            **attributes: Any,
+        ) -> None:
+            targets.append(
+                Target(package, name, kind, tuple(srcs or ()), tuple(deps or ()), attributes)
+            )
 
         return declare
 

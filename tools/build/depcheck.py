@@ -15,7 +15,7 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from buildfiles import ROOT, Target
+from buildfiles import Target
 
 _NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -136,7 +136,10 @@ def check_all(targets: dict[str, Target]) -> list[str]:
             if label.startswith("//") and other == "services":
                 problems.append(
                     f"{target.label}: depends on {label}; "
-                    + ("libs never import services" if kind == "libs" else
-                       "services never import each other (meet through contracts)")
+                    + (
+                        "libs never import services"
+                        if kind == "libs"
+                        else "services never import each other (meet through contracts)"
+                    )
                 )
     return problems
