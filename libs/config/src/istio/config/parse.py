@@ -112,14 +112,12 @@ def parse_object(
     problems += meta_problems
 
     spec = schema.message()
+    # An empty `spec:` reads as null; 0.2 treated it as {} (checknothing instances have none).
     raw_spec = value.get("spec")
-    if raw_spec is None:
-        problems.append(Problem("spec is required", "spec"))
-    else:
-        fill_problems = convert.fill_message(raw_spec, spec, "spec")
-        problems += fill_problems
-        if not fill_problems:
-            problems += (p.located(field_prefix="spec") for p in schema.validate(spec))
+    fill_problems = convert.fill_message({} if raw_spec is None else raw_spec, spec, "spec")
+    problems += fill_problems
+    if not fill_problems:
+        problems += (p.located(field_prefix="spec") for p in schema.validate(spec))
     where = f"{meta.namespace}/{name}" if name else ""
     if problems:
         raise ConfigError(p.located(kind=kind, name=where) for p in problems)

@@ -363,7 +363,7 @@ def validate_ingress_rule(spec: Message) -> list[Problem]:
     rule = cast(ingress_rule_pb2.IngressRule, spec)
     problems = []
     if not 0 <= rule.port <= 65535:
-        problems.append(Problem(f"port must be in [1, 65535], got {rule.port}", "port"))
+        problems.append(Problem(f"port must be in [0, 65535], got {rule.port}", "port"))
     if not rule.HasField("destination"):
         problems.append(Problem("destination is required", "destination"))
     else:
