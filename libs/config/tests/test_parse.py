@@ -30,7 +30,7 @@ spec:
 
 
 def problems_of(text: str) -> list[str]:
-    configs, problems = parse_documents(textwrap.dedent(text), "rules.yaml")
+    _, problems = parse_documents(textwrap.dedent(text), "rules.yaml")
     return [str(p) for p in problems]
 
 
@@ -116,8 +116,8 @@ def test_namespace_argument_fills_in_only_missing_ones() -> None:
         (
             "kind: RouteRule\nmetadata: {name: a}\nspec:\n  destination: {name: reviews}\n"
             "  httpReqTimeout: {simpleTimeout: {timeout: 7 seconds}}\n",
-            "rules.yaml: document 1: RouteRule default/a: spec.httpReqTimeout.simpleTimeout.timeout: "
-            "invalid duration '7 seconds'",
+            "rules.yaml: document 1: RouteRule default/a: "
+            "spec.httpReqTimeout.simpleTimeout.timeout: invalid duration '7 seconds'",
         ),
         (
             "kind: EgressRule\nmetadata: {name: a}\nspec:\n  destination: {service: 'foo.*.com'}\n"
@@ -154,8 +154,10 @@ def test_bad_input_is_named_precisely(text: str, expected: str) -> None:
 
 
 def test_a_bad_document_does_not_hide_the_good_ones() -> None:
-    text = GOOD + "---\nkind: Nope\nmetadata: {name: x}\n---\n" + GOOD.replace(
-        "reviews-test-v2", "second"
+    text = (
+        GOOD
+        + "---\nkind: Nope\nmetadata: {name: x}\n---\n"
+        + GOOD.replace("reviews-test-v2", "second")
     )
     configs, problems = parse_documents(text, "rules.yaml")
     assert [c.meta.name for c in configs] == ["reviews-test-v2", "second"]
@@ -223,5 +225,5 @@ def test_mixer_handler_params_and_instances() -> None:
     assert to_object(handler)["spec"] == {
         "quotas": [{"name": "requestcount.quota.istio-system", "maxAmount": 5000}]
     }
-    with pytest.raises(ConfigError, match="spec.valu: unknown field"):
+    with pytest.raises(ConfigError, match=r"spec\.valu: unknown field"):
         parse_object({"kind": "metric", "metadata": {"name": "m"}, "spec": {"valu": "1"}})
