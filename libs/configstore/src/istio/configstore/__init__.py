@@ -5,6 +5,13 @@
 """
 
 from istio.configstore.store import ConfigEvent, ConfigStore, EventType
-from istio.configstore.url import open_store
+from istio.configstore.url import STORE_ENV, default_store_url, open_store
 
-__all__ = ["ConfigEvent", "ConfigStore", "EventType", "open_store"]
+__all__ = [
+    "STORE_ENV",
+    "ConfigEvent",
+    "ConfigStore",
+    "EventType",
+    "default_store_url",
+    "open_store",
+]

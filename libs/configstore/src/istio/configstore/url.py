@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -9,6 +10,17 @@ from istio.config import DEFAULT_REGISTRY, ConfigError, Problem, SchemaRegistry
 from istio.configstore.store import ConfigStore
 
 DEFAULT_ETCD_PREFIX = "/istio/config"
+STORE_ENV = "ISTIO_CONFIG_STORE"
+MESH_DIR_ENV = "MESH_DIR"
+
+
+def default_store_url() -> str:
+    """Where every command looks when not told: $ISTIO_CONFIG_STORE, else the local mesh's
+    store, $MESH_DIR/config (MESH_DIR defaults to .mesh in the current directory)."""
+    if url := os.environ.get(STORE_ENV):
+        return url
+    mesh_dir = Path(os.environ.get(MESH_DIR_ENV, ".mesh")).resolve()
+    return f"file://{mesh_dir / 'config'}"
 
 
 def open_store(url: str, *, registry: SchemaRegistry = DEFAULT_REGISTRY) -> ConfigStore:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -27,18 +26,7 @@ from istio.config import (
     to_object,
 )
 from istio.config.parse import dump_yaml
-from istio.configstore import ConfigStore, open_store
-
-STORE_ENV = "ISTIO_CONFIG_STORE"
-MESH_DIR_ENV = "MESH_DIR"
-
-
-def default_store_url() -> str:
-    """ISTIO_CONFIG_STORE, else the local mesh's store: $MESH_DIR (default .mesh)/config."""
-    if url := os.environ.get(STORE_ENV):
-        return url
-    mesh_dir = Path(os.environ.get(MESH_DIR_ENV, ".mesh")).resolve()
-    return f"file://{mesh_dir / 'config'}"
+from istio.configstore import STORE_ENV, ConfigStore, default_store_url, open_store
 
 
 def type_name(schema: Schema) -> str:

@@ -1,0 +1,5 @@
+import sys
+
+from istio.pilot.main import main
+
+sys.exit(main())

@@ -1,0 +1,8 @@
+"""The Consul registry: Consul's catalog HTTP API, followed with blocking queries.
+
+`controller` talks to Consul; `conversion` turns catalog entries into the mesh model (pure).
+"""
+
+from istio.pilot.registry.consul.controller import Backoff, ConsulError, ConsulRegistry
+
+__all__ = ["Backoff", "ConsulError", "ConsulRegistry"]

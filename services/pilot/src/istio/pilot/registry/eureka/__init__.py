@@ -1,0 +1,13 @@
+"""The Eureka registry: Eureka's REST API (`GET /eureka/v2/apps`), polled.
+
+`controller` talks to Eureka; `conversion` turns applications into the mesh model (pure).
+"""
+
+from istio.pilot.registry.eureka.controller import (
+    Backoff,
+    EurekaError,
+    EurekaRegistry,
+    apps_url,
+)
+
+__all__ = ["Backoff", "EurekaError", "EurekaRegistry", "apps_url"]

@@ -1,0 +1,1 @@
+"""xDS generation: pure functions of (MeshSnapshot, Proxy) -> Resources. No I/O, no asyncio."""

@@ -1,0 +1,233 @@
+"""LDS: the sidecar's capture listener, per-port outbound listeners, inbound listeners to the
+local app, and the gateways' listeners."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
+from istio.model import Protocol, Proxy, ServiceInstance
+from istio.model.service import Direction, cluster_name
+from istio.pilot.xds import common
+from istio.pilot.xds.index import MeshIndex, egress_rule
+
+VIRTUAL_LISTENER = "virtualOutbound"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+
+
+def http_filters() -> list[hcm.HttpFilter]:
+    """Fault injection (configured per route) before the router, as every HCM has them."""
+    fault = hcm.HttpFilter(name=common.FAULT)
+    fault.typed_config.Pack(fault_pb2.HTTPFault())
+    router = hcm.HttpFilter(name=common.ROUTER)
+    router.typed_config.Pack(router_pb2.Router())
+    return [fault, router]
+
+
+def connection_manager(
+    stat_prefix: str,
+    *,
+    rds: str | None = None,
+    route_config: route_pb2.RouteConfiguration | None = None,
+    gateway: bool = False,
+) -> hcm.HttpConnectionManager:
+    manager = hcm.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm.HttpConnectionManager.AUTO,
+        http_filters=http_filters(),
+        generate_request_id={"value": True},
+        use_remote_address={"value": gateway},
+    )
+    if rds is not None:
+        manager.rds.config_source.CopyFrom(common.ads())
+        manager.rds.route_config_name = rds
+    elif route_config is not None:
+        manager.route_config.CopyFrom(route_config)
+    return manager
+
+
+def _chain(filter_name: str, config: Any) -> listener_components_pb2.FilterChain:
+    network_filter = listener_components_pb2.Filter(name=filter_name)
+    network_filter.typed_config.Pack(config)
+    return listener_components_pb2.FilterChain(filters=[network_filter])
+
+
+def _tcp_proxy(stat_prefix: str, cluster: str) -> tcp_proxy_pb2.TcpProxy:
+    return tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
+
+
+def virtual_listener(index: MeshIndex) -> listener_pb2.Listener:
+    """Port 15001: captured connections are handed to the listener for their original
+    destination; anything else finds no route (0.2 blocked unknown external traffic)."""
+    port = index.snapshot.mesh.proxy_listen_port or 15001
+    return listener_pb2.Listener(
+        name=VIRTUAL_LISTENER,
+        address=common.socket_address("0.0.0.0", port),
+        use_original_dst={"value": True},
+        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+        listener_filters=[
+            listener_components_pb2.ListenerFilter(
+                name=common.ORIGINAL_DST,
+                typed_config=common.packed(original_dst_pb2.OriginalDst()),
+            )
+        ],
+        default_filter_chain=_chain(
+            common.TCP_PROXY, _tcp_proxy(BLACKHOLE_CLUSTER, BLACKHOLE_CLUSTER)
+        ),
+    )
+
+
+def outbound_ports(index: MeshIndex) -> list[int]:
+    """Ports with an HTTP service or an HTTP EgressRule: each gets a listener and a route
+    configuration named after it."""
+    ports = {
+        number
+        for number, services in index.services_by_port.items()
+        if any(s.port_numbered(number).protocol.is_http for s in services)  # type: ignore[union-attr]
+    }
+    for config in index.snapshot.of_kind("EgressRule"):
+        for port in egress_rule(config).ports:
+            if Protocol.parse(port.protocol) is not Protocol.TCP:
+                ports.add(port.port)
+    return sorted(ports)
+
+
+def outbound_listeners(index: MeshIndex) -> list[listener_pb2.Listener]:
+    listeners = []
+    for port in outbound_ports(index):
+        listeners.append(
+            listener_pb2.Listener(
+                name=f"0.0.0.0_{port}",
+                address=common.socket_address("0.0.0.0", port),
+                bind_to_port={"value": False},
+                traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+                filter_chains=[
+                    _chain(
+                        common.HTTP_CONNECTION_MANAGER,
+                        connection_manager(f"outbound_{port}", rds=str(port)),
+                    )
+                ],
+            )
+        )
+    services = index.snapshot.services
+    for hostname in sorted(services):
+        service = services[hostname]
+        if not service.address:
+            continue  # TCP needs a VIP to tell services apart (0.2's rule)
+        for tcp_port in service.ports:
+            if tcp_port.protocol.is_http:
+                continue
+            cluster = cluster_name(Direction.OUTBOUND, tcp_port.port, hostname)
+            listeners.append(
+                listener_pb2.Listener(
+                    name=f"{service.address}_{tcp_port.port}",
+                    address=common.socket_address(service.address, tcp_port.port),
+                    bind_to_port={"value": False},
+                    traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+                    filter_chains=[_chain(common.TCP_PROXY, _tcp_proxy(cluster, cluster))],
+                )
+            )
+    return listeners
+
+
+def inbound_listeners(
+    index: MeshIndex, proxy: Proxy, instances: Sequence[ServiceInstance]
+) -> list[listener_pb2.Listener]:
+    """One listener per port the proxy's workload serves, in front of the app.
+
+    With iptables capture they are not bound (traffic arrives through 15001); without it
+    (INTERCEPTION_MODE=NONE, the local platform) the sidecar binds them on its own IP.
+    Their metadata carries what the Mixer filter reports about the destination.
+    """
+    bind = proxy.metadata.get("INTERCEPTION_MODE", "REDIRECT").upper() == "NONE"
+    mesh = index.snapshot.mesh
+    by_port: dict[int, ServiceInstance] = {}
+    for instance in sorted(instances, key=lambda i: (i.port, i.service.hostname)):
+        by_port.setdefault(instance.port, instance)
+    listeners = []
+    for port, instance in sorted(by_port.items()):
+        cluster = cluster_name(Direction.INBOUND, port, instance.service.hostname)
+        if instance.service_port.protocol.is_http:
+            route_config = route_pb2.RouteConfiguration(
+                name=f"inbound|{port}",
+                virtual_hosts=[
+                    rc.VirtualHost(
+                        name=f"inbound|{port}",
+                        domains=["*"],
+                        routes=[
+                            rc.Route(
+                                name="inbound",
+                                match=rc.RouteMatch(prefix="/"),
+                                route=rc.RouteAction(
+                                    cluster=cluster,
+                                    upgrade_configs=[
+                                        rc.RouteAction.UpgradeConfig(upgrade_type="websocket")
+                                    ],
+                                ),
+                            )
+                        ],
+                    )
+                ],
+            )
+            chain = _chain(
+                common.HTTP_CONNECTION_MANAGER,
+                connection_manager(f"inbound_{port}", route_config=route_config),
+            )
+        else:
+            chain = _chain(common.TCP_PROXY, _tcp_proxy(cluster, cluster))
+        listeners.append(
+            listener_pb2.Listener(
+                name=f"{proxy.ip}_{port}",
+                address=common.socket_address(proxy.ip, port),
+                bind_to_port={"value": bind},
+                traffic_direction=base_pb2.TrafficDirection.INBOUND,
+                filter_chains=[chain],
+                metadata=common.istio_metadata(
+                    {
+                        "mixer": {
+                            "address": mesh.mixer_address,
+                            "disable_policy_checks": mesh.disable_policy_checks,
+                            "attributes": {
+                                "destination.service": instance.service.hostname,
+                                "destination.ip": proxy.ip,
+                                "destination.port": port,
+                                "destination.labels": dict(instance.labels),
+                                "destination.user": instance.service_account,
+                                "destination.namespace": instance.service.namespace,
+                            },
+                        },
+                        "auth_policy": mesh.AuthPolicy.Name(mesh.auth_policy),
+                        "mtls_permissive": mesh.mtls_permissive,
+                        "protocol": instance.service_port.protocol.value,
+                    }
+                ),
+            )
+        )
+    return listeners
+
+
+def gateway_listener(name: str, port: int, route_config: str) -> listener_pb2.Listener:
+    """A gateway's bound HTTP listener (ingress and egress are the proxy as a gateway)."""
+    return listener_pb2.Listener(
+        name=name,
+        address=common.socket_address("0.0.0.0", port),
+        traffic_direction=base_pb2.TrafficDirection.INBOUND,
+        filter_chains=[
+            _chain(
+                common.HTTP_CONNECTION_MANAGER,
+                connection_manager(name, rds=route_config, gateway=True),
+            )
+        ],
+    )
