@@ -7,6 +7,7 @@ from typing import cast
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.type.matcher.v3 import string_pb2
 
 from istio.api.proxy.v1.config import ingress_rule_pb2
 from istio.config import Config
@@ -14,7 +15,7 @@ from istio.model import Protocol, Proxy
 from istio.model.service import Direction, cluster_name
 from istio.pilot.xds import listeners
 from istio.pilot.xds.index import MeshIndex, destination_host, egress_rule
-from istio.pilot.xds.routes import route_match
+from istio.pilot.xds.routes import route_match, service_routes
 
 EGRESS_ROUTE_CONFIG = "egress"
 DEFAULT_GATEWAY_PORT = 80
@@ -42,32 +43,64 @@ def ingress_route_configuration(index: MeshIndex, port: int) -> route_pb2.RouteC
         if (_ingress_rule(c).port or DEFAULT_GATEWAY_PORT) == port
     ]
     rules.sort(key=lambda c: (-_ingress_rule(c).precedence, c.meta.namespace, c.meta.name))
-    routes = []
+    routes: list[rc.Route] = []
     for config in rules:
         rule = _ingress_rule(config)
         host = destination_host(rule.destination, config.meta.namespace)
         service = index.snapshot.services.get(host)
-        target_port = rule.destination_port
-        if rule.WhichOneof("destination_servicePort") == "destination_port_name":
-            named = service.port_named(rule.destination_port_name) if service else None
-            if named is None:
-                continue  # the service (or port) is not known yet: no route until it is
-            target_port = named.port
-        routes.append(
-            rc.Route(
-                name=f"{config.meta.namespace}/{config.meta.name}",
-                match=route_match(rule.match),
-                route=rc.RouteAction(
-                    cluster=cluster_name(Direction.OUTBOUND, target_port, host),
-                    upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket")],
-                ),
-            )
+        if service is None:
+            continue  # not known yet: no route until it is
+        target = (
+            service.port_named(rule.destination_port_name)
+            if rule.WhichOneof("destination_servicePort") == "destination_port_name"
+            else service.port_numbered(rule.destination_port)
         )
+        if target is None:
+            continue
+        ingress_match = route_match(rule.match)
+        # As 0.2 did, the destination's route rules apply behind the ingress: each of its
+        # routes, narrowed to what the IngressRule matches.
+        for route in service_routes(index, service, target, ()):
+            combined = rc.Route()
+            combined.CopyFrom(route)
+            combined.name = f"{config.meta.namespace}/{config.meta.name}:{route.name}"
+            combined.match.CopyFrom(_narrowed(ingress_match, route.match))
+            if combined.HasField("route"):
+                combined.route.upgrade_configs.append(
+                    rc.RouteAction.UpgradeConfig(upgrade_type="websocket")
+                )
+            routes.append(combined)
     return route_pb2.RouteConfiguration(
         name=f"ingress_{port}",
         virtual_hosts=[rc.VirtualHost(name=f"ingress_{port}", domains=["*"], routes=routes)],
         validate_clusters={"value": False},
     )
+
+
+def _narrowed(outer: rc.RouteMatch, inner: rc.RouteMatch) -> rc.RouteMatch:
+    """A match for requests both match: the outer path, both sets of headers, and the inner
+    path condition (unless it is the catch-all `/`) as a `:path` header."""
+    match = rc.RouteMatch()
+    match.CopyFrom(outer)
+    match.headers.extend(inner.headers)
+    kind = inner.WhichOneof("path_specifier")
+    if kind == "prefix" and inner.prefix != "/":
+        match.headers.append(
+            rc.HeaderMatcher(
+                name=":path", string_match=string_pb2.StringMatcher(prefix=inner.prefix)
+            )
+        )
+    elif kind == "path":
+        match.headers.append(
+            rc.HeaderMatcher(name=":path", string_match=string_pb2.StringMatcher(exact=inner.path))
+        )
+    elif kind == "safe_regex":
+        match.headers.append(
+            rc.HeaderMatcher(
+                name=":path", string_match=string_pb2.StringMatcher(safe_regex=inner.safe_regex)
+            )
+        )
+    return match
 
 
 def ingress_listeners(index: MeshIndex) -> list[listener_pb2.Listener]:
