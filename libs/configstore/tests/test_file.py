@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from istio.config import parse_object
+from istio.config import Problem, parse_object
 from istio.configstore import ConfigEvent, EventType, open_store
 from istio.configstore.file import FileStore
 
@@ -45,6 +46,14 @@ async def store(tmp_path: Path) -> AsyncIterator[FileStore]:
 
 async def next_event(events: AsyncIterator[ConfigEvent]) -> ConfigEvent:
     return await asyncio.wait_for(anext(events), timeout=10)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write as editors do (a hidden temporary file, then a rename): never half a file."""
+    descriptor, temporary = tempfile.mkstemp(prefix=".", dir=path.parent)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
 
 
 def test_creates_its_directory(tmp_path: Path) -> None:
@@ -137,3 +146,40 @@ async def test_writes_leave_no_temporary_files(store: FileStore) -> None:
     files = sorted(p.name for p in store.root.iterdir())
     assert files == [".istio-store.lock", "egressrule-default-google.yaml"]
     assert oct(os.stat(store.root / files[1]).st_mode & 0o777) == "0o644"
+
+
+async def test_a_file_turning_bad_or_good_is_announced(tmp_path: Path) -> None:
+    announced: asyncio.Queue[list[Problem]] = asyncio.Queue()
+    store = FileStore(tmp_path / "config", on_problems=announced.put_nowait)
+    events = aiter(store.watch())
+    assert (await next_event(events)).type is EventType.SYNCED
+    path = store.root / "bookinfo.yaml"
+    replace_file(path, "garbage: [")
+    problems = await asyncio.wait_for(announced.get(), timeout=10)
+    assert [p.source for p in problems] == [str(path)]
+    assert "malformed YAML" in str(problems[0])
+    assert store.problems == problems
+    replace_file(path, HAND_WRITTEN)
+    assert await asyncio.wait_for(announced.get(), timeout=10) == []
+    # The bad file made no event: the first ones are the fixed file's objects.
+    added = [await next_event(events) for _ in range(2)]
+    assert {e.type for e in added} == {EventType.ADDED}
+    assert {e.config.meta.name for e in added if e.config} == {"ratings-default", "reviews-default"}
+    await events.aclose()  # type: ignore[attr-defined]
+    await store.close()
+
+
+async def test_directories_moved_in_and_out_are_rescanned(store: FileStore, tmp_path: Path) -> None:
+    events = aiter(store.watch())
+    assert (await next_event(events)).type is EventType.SYNCED
+    outside = tmp_path / "team-a"
+    outside.mkdir()
+    (outside / "rules.yaml").write_text(HAND_WRITTEN)
+    outside.rename(store.root / "team-a")  # no event for the file: only the directory's
+    added = [await next_event(events) for _ in range(2)]
+    assert {e.type for e in added} == {EventType.ADDED}
+    (store.root / "team-a").rename(outside)
+    gone = [await next_event(events) for _ in range(2)]
+    assert {e.type for e in gone} == {EventType.DELETED}
+    assert await store.list("RouteRule") == []
+    await events.aclose()  # type: ignore[attr-defined]

@@ -91,7 +91,7 @@ class Running:
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[Running]:
     directory = tmp_path / "registry"
-    (directory / "vms").mkdir(parents=True)
+    directory.mkdir()
     write(directory / "reviews.yaml", reviews("127.0.0.4", "127.0.0.5"))
     registry = ServiceEntryRegistry(directory)
     changes: asyncio.Queue[Change] = asyncio.Queue()
@@ -139,6 +139,7 @@ async def test_port_changes_are_service_changes(running: Running) -> None:
 
 async def test_files_come_and_go(running: Running) -> None:
     assert await running.change() is Change.SERVICES
+    (running.directory / "vms").mkdir()  # a new directory, its first file written at once
     write(running.directory / "vms" / "ratings.yml", RATINGS)
     assert await running.change() is Change.SERVICES
     assert running.addresses("ratings.default.svc.cluster.local") == ["127.0.0.7"]

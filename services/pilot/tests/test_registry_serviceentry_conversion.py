@@ -8,12 +8,8 @@ from typing import Any
 import pytest
 
 from istio.config import Config, parse_object
-from istio.model import Labels, Port, Protocol, Resolution
-from istio.pilot.registry.serviceentry.conversion import (
-    build_snapshot,
-    convert_entry,
-    spiffe_identity,
-)
+from istio.model import Labels, Port, Protocol, Resolution, spiffe_identity
+from istio.pilot.registry.serviceentry.conversion import build_snapshot, convert_entry
 
 
 def entry(name: str, spec: Mapping[str, Any], namespace: str = "default") -> Config:
@@ -62,7 +58,6 @@ def test_a_mesh_service_with_endpoints() -> None:
         Port("grpc-admin", 9443, Protocol.GRPC),
     )
     assert service.service_accounts == (spiffe_identity("default", "bookinfo-reviews"),)
-    assert spiffe_identity("default", "x") == "spiffe://cluster.local/ns/default/sa/x"
     # endpoints x ports, ordered by service port, address, port
     assert [(i.service_port.name, i.address, i.port) for i in instances] == [
         ("http", "127.0.0.4", 19080),  # the endpoint's own port for `http`

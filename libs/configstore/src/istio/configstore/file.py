@@ -14,7 +14,10 @@ replaced or removed within that file, leaving the other documents' text as it wa
 
 Watches get this store's own writes as ordered events at once; edits made by others are found
 through filesystem notifications (watchfiles) and reported as the difference between two scans,
-so a burst of outside edits may arrive as one net change.
+so a burst of outside edits may arrive as one net change. Notifications for config files and
+for directories coming or going start a rescan: a directory moved in whole, or one whose files
+were written before its own watch began, is read by that scan. A file that turns bad (or good
+again) changes no object, so it makes no event; `on_problems` hears of it instead.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,11 +94,29 @@ def content_version(config: Config) -> str:
     return digest[:16]
 
 
+ProblemsCallback = Callable[[list[Problem]], None]
+
+
 class FileStore:
-    def __init__(self, root: Path, *, registry: SchemaRegistry = DEFAULT_REGISTRY) -> None:
+    """The files under `root` (created when missing).
+
+    `on_problems`, when given, is called with the new `problems` each time a scan finds them
+    changed: on reads and writes, and while a watch runs, after outside edits. It runs inside
+    the store, so it must not block or call the store back.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        registry: SchemaRegistry = DEFAULT_REGISTRY,
+        on_problems: ProblemsCallback | None = None,
+    ) -> None:
         self.root = root
         self._registry = registry
+        self._on_problems = on_problems
         self._files: dict[Path, _FileState] = {}
+        self._directories: set[str] = set()
         self._view: dict[ConfigKey, _Entry] = {}
         self._problems: builtins.list[Problem] = []
         self._lock = asyncio.Lock()
@@ -275,14 +296,14 @@ class FileStore:
 
     async def _follow_files(self) -> None:
         async for _ in watchfiles.awatch(
-            self.root, stop_event=self._stop, watch_filter=_is_config_file, recursive=True
+            self.root, stop_event=self._stop, watch_filter=self._needs_rescan, recursive=True
         ):
             async with self._lock:
                 self._refresh()
 
     def _refresh(self) -> None:
         """Rescan, update the view, and tell watchers what others changed."""
-        paths = set(self._config_files())
+        paths = self._config_files()
         for gone in set(self._files) - paths:
             del self._files[gone]
         for path in paths:
@@ -306,6 +327,11 @@ class FileStore:
                 if problem not in self._problems:
                     log.warning("config file rejected: %s", problem)
             self._problems = problems
+            if self._on_problems is not None:
+                try:
+                    self._on_problems(list(problems))
+                except Exception:
+                    log.exception("the problems callback of the file store at %s failed", self.root)
 
     def _refresh_file(self, path: Path) -> None:
         try:
@@ -357,17 +383,35 @@ class FileStore:
                 view[config.key] = _Entry(config, path)
         return view, problems
 
-    def _config_files(self) -> Iterator[Path]:
+    def _config_files(self) -> set[Path]:
+        """Every config file under the root; the directories walked are remembered, so that
+        the watch knows one when it goes away."""
+        found: set[Path] = set()
+        directories: set[str] = set()
         for directory, subdirectories, files in os.walk(self.root):
-            subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
-            for name in sorted(files):
-                if not name.startswith(".") and name.endswith(SUFFIXES):
-                    yield Path(directory) / name
+            directories.add(os.path.abspath(directory))
+            subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+            found.update(
+                Path(directory) / name
+                for name in files
+                if not name.startswith(".") and name.endswith(SUFFIXES)
+            )
+        self._directories = directories
+        return found
 
-
-def _is_config_file(change: watchfiles.Change, path: str) -> bool:
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.endswith(SUFFIXES)
+    def _needs_rescan(self, change: watchfiles.Change, path: str) -> bool:
+        """The watch filter: config files, and directories created or removed (hidden names
+        aside); other files are not ours."""
+        name = os.path.basename(path)
+        if name.startswith("."):
+            return False
+        if name.endswith(SUFFIXES):
+            return True
+        if change is watchfiles.Change.added:
+            return os.path.isdir(path)
+        if change is watchfiles.Change.deleted:
+            return os.path.abspath(path) in self._directories
+        return False
 
 
 def _problem(key: ConfigKey, message: str) -> Problem:

@@ -5,6 +5,7 @@ small immutable records; xDS generation reads nothing else. Keys are pure functi
 round-trip.
 """
 
+from istio.model.identity import spiffe_identity
 from istio.model.proxy import NodeType, Proxy
 from istio.model.service import (
     Labels,
@@ -24,4 +25,5 @@ __all__ = [
     "Resolution",
     "Service",
     "ServiceInstance",
+    "spiffe_identity",
 ]

@@ -21,43 +21,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
-from istio.pilot.registry import Change, ChangeCallback, RegistrySnapshot, RegistryStatus
+from istio.pilot.registry import ChangeCallback, RegistrySnapshot, RegistryStatus
 from istio.pilot.registry.consul.conversion import (
     CatalogEntry,
     build_snapshot,
     parse_catalog_service,
     parse_services,
 )
+from istio.pilot.registry.status import Backoff, StatusBoard, report
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WAIT = 300.0  # Consul's own default for a blocking query (5m); it allows at most 10m
 CONNECT_TIMEOUT = 10.0
 INDEX_HEADER = "X-Consul-Index"
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Delays between retries: exponential from `initial`, capped at `maximum`, jittered so
-    that many Pilots losing one Consul do not retry in step."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    factor: float = 2.0
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after `failures` (>= 1) failures in a row."""
-        base = min(self.maximum, self.initial * self.factor ** max(0, failures - 1))
-        return base * random.uniform(0.5, 1.0)
 
 
 class ConsulError(ValueError):
@@ -95,8 +78,7 @@ class ConsulRegistry:
         self._backoff = backoff or Backoff()
         self._catalog: dict[str, tuple[CatalogEntry, ...]] = {}
         self._snapshot = RegistrySnapshot()
-        self._status = RegistryStatus()
-        self._status_changed = asyncio.Event()
+        self._board = StatusBoard()
         self._failures = 0
         self._changed: ChangeCallback | None = None
 
@@ -110,14 +92,11 @@ class ConsulRegistry:
 
     @property
     def status(self) -> RegistryStatus:
-        return self._status
+        return self._board.status
 
     async def wait_status(self, predicate: Callable[[RegistryStatus], bool]) -> RegistryStatus:
         """Wait until the status satisfies `predicate` (e.g. synced, or healthy again)."""
-        while not predicate(self._status):
-            event = self._status_changed
-            await event.wait()
-        return self._status
+        return await self._board.wait(predicate)
 
     async def run(self, changed: ChangeCallback) -> None:
         self._changed = changed
@@ -210,15 +189,9 @@ class ConsulRegistry:
     def _publish(self) -> None:
         snapshot = build_snapshot(self._catalog)
         change = snapshot.change_from(self._snapshot)
-        first = not self._status.synced
         self._snapshot = snapshot
         self._failures = 0
-        last_change = datetime.now(UTC) if first or change else self._status.last_change
-        self._set_status(RegistryStatus(True, True, "", last_change))
-        if first:
-            self._notify(change or Change.SERVICES)
-        elif change is not None:
-            self._notify(change)
+        report(self._changed, self._board.published(change), self.name)
 
     def _fail(self, exc: Exception) -> None:
         self._failures += 1
@@ -230,21 +203,7 @@ class ConsulRegistry:
             message,
             exc_info=None if expected else exc,
         )
-        self._set_status(replace(self._status, healthy=False, last_error=message))
-
-    def _set_status(self, status: RegistryStatus) -> None:
-        if status != self._status:
-            self._status = status
-            self._status_changed.set()
-            self._status_changed = asyncio.Event()
-
-    def _notify(self, change: Change) -> None:
-        if self._changed is None:
-            return
-        try:
-            self._changed(change)
-        except Exception:
-            log.exception("%s: the change callback failed", self.name)
+        self._board.failed(message)
 
 
 def _first_leaf(exc: BaseException) -> BaseException:

@@ -24,10 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -52,6 +50,7 @@ from istio.pilot.registry.kube.conversion import (
     object_key,
     pod_info,
 )
+from istio.pilot.registry.status import Backoff, StatusBoard, report
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +58,6 @@ SERVICES = Resource("", "v1", "services")
 ENDPOINTS = Resource("", "v1", "endpoints")
 PODS = Resource("", "v1", "pods")
 NODES = Resource("", "v1", "nodes", namespaced=False)
-RETRY_INITIAL = 0.5
-RETRY_MAX = 30.0
 
 Converted = tuple[Service, tuple[ServiceInstance, ...]]
 
@@ -141,8 +138,8 @@ class KubeRegistry:
         self._converted: dict[ObjectKey, Converted] = {}
         self._interrupted: dict[Resource, str] = {}
         self._snapshot = RegistrySnapshot()
-        self._status = RegistryStatus()
-        self._status_changed = asyncio.Event()
+        self._board = StatusBoard()
+        self._backoff = Backoff()
         self._changed: ChangeCallback | None = None
 
     @property
@@ -154,13 +151,11 @@ class KubeRegistry:
 
     @property
     def status(self) -> RegistryStatus:
-        return self._status
+        return self._board.status
 
     async def wait_status(self, predicate: Callable[[RegistryStatus], bool]) -> RegistryStatus:
         """Wait until the status satisfies `predicate` (synced, unhealthy, healthy again...)."""
-        while not predicate(self._status):
-            await self._status_changed.wait()
-        return self._status
+        return await self._board.wait(predicate)
 
     async def run(self, changed: ChangeCallback) -> None:
         self._changed = changed
@@ -184,8 +179,7 @@ class KubeRegistry:
                 except Exception as error:  # retried, never fatal (Registry.run's promise)
                     failures += 1
                     self._fail(str(error) or type(error).__name__)
-                delay = min(RETRY_MAX, RETRY_INITIAL * 2 ** max(0, failures - 1))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                await asyncio.sleep(self._backoff.delay(failures))
         finally:
             self._changed = None
             if client is not None:
@@ -201,12 +195,12 @@ class KubeRegistry:
                     self._publish(self._convert_all(), synced=True)
                 elif event.type is EventType.INTERRUPTED and event.resource is not None:
                     self._interrupted[event.resource] = event.reason
-                    self._set_status(replace(self._status, healthy=False, last_error=event.reason))
+                    self._board.failed(event.reason)
                 elif event.type is EventType.RESUMED and event.resource is not None:
                     self._interrupted.pop(event.resource, None)
-                    self._set_status(
+                    self._board.set(
                         replace(
-                            self._status,
+                            self._board.status,
                             healthy=not self._interrupted,
                             last_error=next(iter(self._interrupted.values()), ""),
                         )
@@ -266,30 +260,13 @@ class KubeRegistry:
         complete listing, whose first one counts as a change."""
         if change is None and not synced:
             return
-        first = synced and not self._status.synced
-        last_change = datetime.now(UTC) if first or change else self._status.last_change
         error = next(iter(self._interrupted.values()), "")
-        self._set_status(RegistryStatus(True, not self._interrupted, error, last_change))
-        if first or change is not None:
-            self._notify(change or Change.SERVICES)
+        change = self._board.published(change, healthy=not self._interrupted, last_error=error)
+        report(self._changed, change, self.name)
 
     def _fail(self, message: str) -> None:
         log.warning("%s: %s; keeping the last snapshot and retrying", self.name, message)
-        self._set_status(replace(self._status, healthy=False, last_error=message))
-
-    def _set_status(self, status: RegistryStatus) -> None:
-        if status != self._status:
-            self._status = status
-            self._status_changed.set()
-            self._status_changed = asyncio.Event()
-
-    def _notify(self, change: Change) -> None:
-        if self._changed is None:
-            return
-        try:
-            self._changed(change)
-        except Exception:
-            log.exception("%s: the change callback failed", self.name)
+        self._board.failed(message)
 
 
 def _server(client: KubeClient | None) -> str:

@@ -24,13 +24,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from istio.model import Labels, Port, Protocol, Resolution, Service, ServiceInstance
+from istio.model import (
+    Labels,
+    Port,
+    Protocol,
+    Resolution,
+    Service,
+    ServiceInstance,
+    spiffe_identity,
+)
 from istio.model.service import DEFAULT_DOMAIN, service_hostname
 
 JSON = Mapping[str, Any]
 ObjectKey = tuple[str, str]  # (namespace, name)
 
-TRUST_DOMAIN = "cluster.local"
 KUBE_SERVICE_ACCOUNTS = "alpha.istio.io/kubernetes-serviceaccounts"
 CANONICAL_SERVICE_ACCOUNTS = "alpha.istio.io/canonical-serviceaccounts"
 REGION_LABELS = ("topology.kubernetes.io/region", "failure-domain.beta.kubernetes.io/region")
@@ -181,11 +188,6 @@ def endpoint_ips(endpoints: JSON) -> set[str]:
         for address in subset.get(kind) or ()
         if isinstance(address, Mapping) and address.get("ip")
     }
-
-
-def spiffe_identity(namespace: str, service_account: str) -> str:
-    """The identity a workload running as `service_account` presents under mutual TLS."""
-    return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,32 +9,27 @@ rebuilds its snapshot with the pure conversion module and reports the kind of ch
 Files that do not parse or validate never reach the snapshot: FileStore keeps them out (a file
 that turns bad keeps its last good objects) and lists what is wrong, with file, document,
 object and field, in `FileStore.problems`; the registry shows those in `status.last_error`,
-with hosts that entries define in conflicting ways. FileStore announces new objects but not new
-problems, so the registry looks at its problem list every PROBLEM_CHECK seconds (a read of
-memory, no I/O) as well as after each change.
+with hosts that entries define in conflicting ways. A file turning bad (or good again) changes
+no object, so no watch event tells of it: FileStore calls the registry back with its new
+problems instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 from istio.config import Config, ConfigKey, Problem
 from istio.configstore import ConfigEvent, EventType
 from istio.configstore.file import FileStore
-from istio.pilot.registry import Change, ChangeCallback, RegistrySnapshot, RegistryStatus
+from istio.pilot.registry import ChangeCallback, RegistrySnapshot, RegistryStatus
 from istio.pilot.registry.serviceentry.conversion import KIND, build_snapshot
+from istio.pilot.registry.status import Backoff, StatusBoard, report
 
 log = logging.getLogger(__name__)
-
-PROBLEM_CHECK = 0.5
-RETRY_INITIAL = 0.5
-RETRY_MAX = 30.0
 
 
 class ServiceEntryRegistry:
@@ -46,8 +41,8 @@ class ServiceEntryRegistry:
         self._clashes: tuple[str, ...] = ()
         self._failure = ""
         self._snapshot = RegistrySnapshot()
-        self._status = RegistryStatus()
-        self._status_changed = asyncio.Event()
+        self._board = StatusBoard()
+        self._backoff = Backoff()
         self._changed: ChangeCallback | None = None
 
     @property
@@ -59,13 +54,11 @@ class ServiceEntryRegistry:
 
     @property
     def status(self) -> RegistryStatus:
-        return self._status
+        return self._board.status
 
     async def wait_status(self, predicate: Callable[[RegistryStatus], bool]) -> RegistryStatus:
         """Wait until the status satisfies `predicate` (synced, healthy, an error shown...)."""
-        while not predicate(self._status):
-            await self._status_changed.wait()
-        return self._status
+        return await self._board.wait(predicate)
 
     async def run(self, changed: ChangeCallback) -> None:
         self._changed = changed
@@ -74,19 +67,18 @@ class ServiceEntryRegistry:
             while True:
                 store: FileStore | None = None
                 try:
-                    store = FileStore(self._directory)
+                    store = FileStore(self._directory, on_problems=self._problems_changed)
                     await self._follow(store)
                     failures = 0
                 except Exception as error:  # a bug or a broken directory: retried, never fatal
                     failures += 1
                     self._failure = f"cannot watch {self._directory}: {error}"
                     log.warning("%s; keeping the last snapshot and retrying", self._failure)
-                    self._set_status(replace(self._status, healthy=False, last_error=self._failure))
+                    self._board.failed(self._failure)
                 finally:
                     if store is not None:
                         await store.close()
-                delay = min(RETRY_MAX, RETRY_INITIAL * 2 ** max(0, failures - 1))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                await asyncio.sleep(self._backoff.delay(failures))
         finally:
             self._changed = None
 
@@ -95,55 +87,32 @@ class ServiceEntryRegistry:
         store has listed every object (a restarted watch lists them all again)."""
         listing: dict[ConfigKey, Config] = {}
         synced = False
-        checker = asyncio.create_task(self._check_problems(store))
-        try:
-            async for event in store.watch([KIND]):
-                if not synced:
-                    if event.type is EventType.SYNCED:
-                        synced, self._configs, self._failure = True, listing, ""
-                        self._publish(store)
-                    else:
-                        _apply(listing, event)
-                elif event.config is not None:
-                    _apply(self._configs, event)
+        async for event in store.watch([KIND]):
+            if not synced:
+                if event.type is EventType.SYNCED:
+                    synced, self._configs, self._failure = True, listing, ""
                     self._publish(store)
-        finally:
-            checker.cancel()
+                else:
+                    _apply(listing, event)
+            elif event.config is not None:
+                _apply(self._configs, event)
+                self._publish(store)
 
-    async def _check_problems(self, store: FileStore) -> None:
-        while True:
-            await asyncio.sleep(PROBLEM_CHECK)
-            self._set_status(replace(self._status, last_error=self._describe(store.problems)))
+    def _problems_changed(self, problems: list[Problem]) -> None:
+        self._board.set(replace(self._board.status, last_error=self._describe(problems)))
 
     def _publish(self, store: FileStore) -> None:
         conversion = build_snapshot(self._configs.values())
         change = conversion.snapshot.change_from(self._snapshot)
-        first = not self._status.synced
         self._snapshot, self._clashes = conversion.snapshot, conversion.clashes
-        last_change = datetime.now(UTC) if first or change else self._status.last_change
-        self._set_status(RegistryStatus(True, True, self._describe(store.problems), last_change))
-        if first or change is not None:
-            self._notify(change or Change.SERVICES)
+        change = self._board.published(change, last_error=self._describe(store.problems))
+        report(self._changed, change, self.name)
 
     def _describe(self, problems: list[Problem]) -> str:
         """What is wrong: this registry's failure, bad files (ServiceEntries or documents of
         no known kind; other kinds are other readers' business), conflicting hosts."""
         shown = [str(p) for p in problems if p.kind in ("", KIND)]
         return "; ".join(m for m in (self._failure, *shown, *self._clashes) if m)
-
-    def _set_status(self, status: RegistryStatus) -> None:
-        if status != self._status:
-            self._status = status
-            self._status_changed.set()
-            self._status_changed = asyncio.Event()
-
-    def _notify(self, change: Change) -> None:
-        if self._changed is None:
-            return
-        try:
-            self._changed(change)
-        except Exception:
-            log.exception("%s: the change callback failed", self.name)
 
 
 def _apply(configs: dict[ConfigKey, Config], event: ConfigEvent) -> None:

@@ -27,11 +27,18 @@ from types import MappingProxyType
 
 from istio.api.networking.v1alpha3 import service_entry_pb2
 from istio.config import Config
-from istio.model import Labels, Port, Protocol, Resolution, Service, ServiceInstance
+from istio.model import (
+    Labels,
+    Port,
+    Protocol,
+    Resolution,
+    Service,
+    ServiceInstance,
+    spiffe_identity,
+)
 from istio.pilot.registry import RegistrySnapshot
 
 KIND = "ServiceEntry"
-TRUST_DOMAIN = "cluster.local"
 
 _Entry = service_entry_pb2.ServiceEntry
 _RESOLUTIONS = {
@@ -131,11 +138,6 @@ def build_snapshot(configs: Iterable[Config]) -> Conversion:
         ),
         tuple(clashes),
     )
-
-
-def spiffe_identity(namespace: str, service_account: str) -> str:
-    """The identity a workload running as `service_account` presents under mutual TLS."""
-    return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"
 
 
 def _same_definition(a: Service, b: Service) -> bool:
