@@ -56,11 +56,20 @@ def _service_cluster(
     proxyless: bool,
 ) -> cluster_pb2.Cluster:
     name = cluster_name(Direction.OUTBOUND, port.port, service.hostname, labels)
+    mesh = index.snapshot.mesh
+    mtls = mesh.auth_policy == mesh.AuthPolicy.MUTUAL_TLS
     cluster = cluster_pb2.Cluster(
         name=name,
         connect_timeout=common.copy_duration(index.snapshot.mesh.connect_timeout),
         metadata=common.istio_metadata(
-            {"service": service.hostname, "port": port.port, "labels": dict(labels)}
+            {
+                "service": service.hostname,
+                "port": port.port,
+                "labels": dict(labels),
+                # What the sidecar's TLS origination reads (the CA issue): mesh services
+                # speak mTLS when the mesh says so; external ones never do.
+                "mtls": mtls and not service.mesh_external,
+            }
         ),
     )
     resolution = service.resolution

@@ -151,7 +151,19 @@ def _build(snapshot: MeshSnapshot) -> MeshIndex:
         for port in service.ports:
             by_port[port.port].append(service)
     return MeshIndex(
-        snapshot, dict(rules), dict(subsets), dict(policies), dict(by_ip), dict(by_port)
+        snapshot,
+        dict(rules),
+        dict(subsets),
+        dict(policies),
+        dict(by_ip),
+        dict(by_port),
+        rules_use_source=any(
+            route_rule(c).match.HasField("source") for c in snapshot.of_kind("RouteRule")
+        ),
+        policies_use_source=any(
+            destination_policy(c).HasField("source")
+            for c in snapshot.of_kind("DestinationPolicy")
+        ),
     )
 
 

@@ -1,0 +1,79 @@
+"""Targeted generation behaviour beyond the golden files."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from istio.api.proxy.v1.config import proxy_mesh_pb2
+from istio.config import parse_documents
+from istio.model import Proxy
+from istio.pilot.mesh import MeshSnapshot
+from istio.pilot.xds import resources
+from istio.pilot.xds.generate import generate
+
+REVIEWS_V2 = "sidecar~127.0.0.5~reviews-v2.default~default.svc.cluster.local"
+PRODUCTPAGE = "sidecar~127.0.0.2~productpage-v1.default~default.svc.cluster.local"
+
+
+def cluster_metadata(found: resources.Resources, name: str) -> dict[str, object]:
+    cluster = found.of(resources.CLUSTER)[name]
+    return dict(cluster.metadata.filter_metadata["istio"])  # type: ignore[attr-defined]
+
+
+def test_mtls_metadata_follows_the_mesh(bookinfo: Callable[..., MeshSnapshot]) -> None:
+    plain = bookinfo()
+    mesh = proxy_mesh_pb2.MeshConfig()
+    mesh.CopyFrom(plain.mesh)
+    mesh.auth_policy = proxy_mesh_pb2.MeshConfig.AuthPolicy.MUTUAL_TLS
+    secured = dataclasses.replace(plain, mesh=mesh)
+    found = generate(secured, Proxy.parse(PRODUCTPAGE))
+    assert cluster_metadata(found, "outbound|9080||reviews.default.svc.cluster.local")["mtls"]
+    assert not cluster_metadata(found, "outbound|443||api.example.com")["mtls"]
+    assert not cluster_metadata(
+        generate(plain, Proxy.parse(PRODUCTPAGE)),
+        "outbound|9080||reviews.default.svc.cluster.local",
+    )["mtls"]
+
+
+def test_source_rules_reach_only_their_source(bookinfo: Callable[..., MeshSnapshot]) -> None:
+    rule, problems = parse_documents(
+        """
+kind: RouteRule
+metadata: {name: reviews-v2-to-ratings-v2}
+spec:
+  destination: {name: ratings}
+  precedence: 5
+  match: {source: {name: reviews, labels: {version: v2}}}
+  route: [{labels: {version: v2}}]
+"""
+    )
+    assert not problems
+    snapshot = bookinfo()
+    configs = dict(snapshot.configs)
+    configs["RouteRule"] = (*configs["RouteRule"], *rule)
+    snapshot = dataclasses.replace(snapshot, configs=configs)
+
+    def route_names(node: str) -> list[str]:
+        found = generate(snapshot, Proxy.parse(node))
+        ratings = next(
+            v
+            for v in found.of(resources.ROUTE)["9080"].virtual_hosts  # type: ignore[attr-defined]
+            if v.name.startswith("ratings.")
+        )
+        return [r.name for r in ratings.routes]
+
+    assert route_names(REVIEWS_V2)[0] == "default/reviews-v2-to-ratings-v2"
+    assert "default/reviews-v2-to-ratings-v2" not in route_names(PRODUCTPAGE)
+
+
+def test_proxies_alike_share_generated_messages(bookinfo: Callable[..., MeshSnapshot]) -> None:
+    snapshot = bookinfo()
+    one = generate(snapshot, Proxy.parse("sidecar~10.9.0.1~a.default~default.svc.cluster.local"))
+    two = generate(snapshot, Proxy.parse("sidecar~10.9.0.2~b.default~default.svc.cluster.local"))
+    name = "outbound|9080||reviews.default.svc.cluster.local"
+    assert one.of(resources.CLUSTER)[name] is two.of(resources.CLUSTER)[name]
+    assert one.version(resources.ROUTE) == two.version(resources.ROUTE)
+    other = generate(snapshot, Proxy.parse("sidecar~10.9.0.3~c.books~books.svc.cluster.local"))
+    # Short names differ by namespace: "reviews" resolves only from default.
+    assert other.version(resources.ROUTE) != one.version(resources.ROUTE)
