@@ -11,10 +11,10 @@ export UV_PYTHON_PREFERENCE := only-system
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 
 # Debian packages the tests run for real, as `command:package`.
-DEBIAN_PACKAGES := etcd:etcd-server
+DEBIAN_PACKAGES := etcd:etcd-server iptables:iptables ip:iproute2 setpriv:util-linux curl:curl
 
 SRC_DIRS := $(wildcard libs/*/src services/*/src)
-TEST_DIRS := $(wildcard libs/*/tests services/*/tests) samples tools
+TEST_DIRS := libs services samples tools
 
 .PHONY: help setup venv debian-packages test lint type gen-check build-check unit protos fmt clean
 
