@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -115,51 +116,74 @@ def _mixer_instance(kind: str, plural: str, message: type[Message]) -> Schema:
     return Schema(kind, plural, message, "mixer-instance")
 
 
+def dashed_name(kind: str) -> str:
+    """The dashed lowercase name 0.2's istioctl printed and accepted: RouteRule -> route-rule."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", kind).lower()
+
+
+def _istio_kind(
+    kind: str,
+    plural: str,
+    message: type[Message],
+    short: str,
+    validate: Validator,
+    *,
+    category: str = "routing",
+    group: str = ISTIO_GROUP,
+    version: str = ISTIO_VERSION,
+) -> Schema:
+    """A kind with 0.2's names: RouteRule, routerules, route-rule, route-rules and a short one."""
+    dashed = dashed_name(kind)
+    dashed_plural = dashed[:-1] + "ies" if plural.endswith("ies") else dashed + "s"
+    return Schema(
+        kind,
+        plural,
+        message,
+        category,
+        group=group,
+        version=version,
+        aliases=(dashed, dashed_plural, short),
+        validate=validate,
+    )
+
+
 ROUTING_SCHEMAS = (
-    Schema(
-        "RouteRule",
-        "routerules",
-        route_rule_pb2.RouteRule,
-        "routing",
-        aliases=("route-rule", "route-rules", "rr"),
-        validate=validation.validate_route_rule,
+    _istio_kind(
+        "RouteRule", "routerules", route_rule_pb2.RouteRule, "rr", validation.validate_route_rule
     ),
-    Schema(
+    _istio_kind(
         "DestinationPolicy",
         "destinationpolicies",
         dest_policy_pb2.DestinationPolicy,
-        "routing",
-        aliases=("destination-policy", "destination-policies", "dp"),
-        validate=validation.validate_destination_policy,
+        "dp",
+        validation.validate_destination_policy,
     ),
-    Schema(
+    _istio_kind(
         "EgressRule",
         "egressrules",
         egress_rule_pb2.EgressRule,
-        "routing",
-        aliases=("egress-rule", "egress-rules", "er"),
-        validate=validation.validate_egress_rule,
+        "er",
+        validation.validate_egress_rule,
     ),
-    Schema(
+    _istio_kind(
         "IngressRule",
         "ingressrules",
         ingress_rule_pb2.IngressRule,
-        "routing",
-        aliases=("ingress-rule", "ingress-rules", "ir"),
-        validate=validation.validate_ingress_rule,
+        "ir",
+        validation.validate_ingress_rule,
     ),
 )
 
 NETWORKING_SCHEMAS = (
-    Schema(
+    _istio_kind(
         "ServiceEntry",
         "serviceentries",
         service_entry_pb2.ServiceEntry,
-        "networking",
+        "se",
+        validation.validate_service_entry,
+        category="networking",
         group=NETWORKING_GROUP,
         version=NETWORKING_VERSION,
-        aliases=("service-entry", "service-entries", "se"),
-        validate=validation.validate_service_entry,
     ),
 )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from importlib.metadata import version
@@ -21,17 +20,12 @@ from istio.config import (
     Config,
     ConfigError,
     Problem,
-    Schema,
     parse_documents,
     to_object,
 )
 from istio.config.parse import dump_yaml
+from istio.config.schema import dashed_name
 from istio.configstore import STORE_ENV, ConfigStore, default_store_url, open_store
-
-
-def type_name(schema: Schema) -> str:
-    """The dashed lowercase name 0.2's istioctl printed: RouteRule -> route-rule."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "-", schema.kind).lower()
 
 
 class UserError(Exception):
@@ -92,7 +86,7 @@ def _read_sources(files: Sequence[str], problems: list[Problem]) -> Iterator[tup
 def _describe(config: Config) -> str:
     schema = DEFAULT_REGISTRY.by_kind(config.meta.kind)
     assert schema is not None
-    return f"{type_name(schema)}/{config.meta.namespace}/{config.meta.name}"
+    return f"{dashed_name(schema.kind)}/{config.meta.namespace}/{config.meta.name}"
 
 
 async def _apply(
