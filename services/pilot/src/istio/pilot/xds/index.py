@@ -161,8 +161,7 @@ def _build(snapshot: MeshSnapshot) -> MeshIndex:
             route_rule(c).match.HasField("source") for c in snapshot.of_kind("RouteRule")
         ),
         policies_use_source=any(
-            destination_policy(c).HasField("source")
-            for c in snapshot.of_kind("DestinationPolicy")
+            destination_policy(c).HasField("source") for c in snapshot.of_kind("DestinationPolicy")
         ),
     )
 

@@ -1,0 +1,1 @@
+"""The sidecar and gateway data plane and its agent."""

@@ -1,0 +1,3 @@
+from istio.proxy.main import main
+
+main()

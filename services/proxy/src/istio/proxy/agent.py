@@ -1,0 +1,323 @@
+"""The proxy agent: one ADS stream to Pilot, config applied as whole snapshots, admin and
+stats endpoints.
+
+Theory of operation. The stream subscribes to CDS and LDS (wildcard), then to EDS and RDS by
+the names they reference. Each response is compiled by `XdsState`; a rejected one is NACKed
+with the reason and changes nothing. After an accepted one the publisher builds a snapshot
+and, once it is complete (or after the warming timeout), swaps it in: clusters, then the
+current snapshot, then the bound listeners. When Pilot goes away the proxy keeps serving its
+last snapshot and reconnects with capped, jittered backoff. grpcio is imported here only,
+never by the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+# Imported for their descriptors: config_dump renders the Any fields that hold them.
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
+from google.protobuf import json_format, struct_pb2
+
+from istio.proxy.admin import json_body, serve
+from istio.proxy.config import Snapshot
+from istio.proxy.context import Context
+from istio.proxy.listeners import ListenerManager
+from istio.proxy.xds import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SHORT_NAMES,
+    WILDCARD_TYPES,
+    XdsState,
+)
+
+log = logging.getLogger(__name__)
+
+_DUMP_TYPES = {
+    CLUSTER: (
+        "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+        "dynamic_active_clusters",
+        "cluster",
+    ),
+    ENDPOINT: (
+        "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump",
+        "dynamic_endpoint_configs",
+        "endpoint_config",
+    ),
+    LISTENER: (
+        "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+        "dynamic_listeners",
+        "active_state",
+    ),
+    ROUTE: (
+        "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+        "dynamic_route_configs",
+        "route_config",
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    id: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(
+        self,
+        node: Node,
+        discovery_address: str,
+        context: Context,
+        listeners: ListenerManager,
+        *,
+        warm_timeout: float = 5.0,
+    ) -> None:
+        self.node = node
+        self.discovery_address = discovery_address
+        self.context = context
+        self.listeners = listeners
+        self.state = XdsState()
+        self.warm_timeout = warm_timeout
+        self.ready = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.connected = False
+        self._changed = asyncio.Event()
+        self._subscribed: dict[str, frozenset[str]] = {}
+        self._nonces: dict[str, str] = {}
+        self._outbox: asyncio.Queue[Any] | None = None
+
+    # the ADS stream
+
+    async def run(self) -> None:
+        publisher = asyncio.get_running_loop().create_task(self._publish())
+        try:
+            backoff = 0.25
+            while not self.stopped.is_set():
+                try:
+                    await self._stream()
+                    backoff = 0.25
+                except Exception as error:
+                    log.warning("ADS stream to %s failed: %s", self.discovery_address, error)
+                self.connected = False
+                delay = random.uniform(backoff / 2, backoff)
+                backoff = min(backoff * 2, 10.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopped.wait(), delay)
+        finally:
+            publisher.cancel()
+
+    async def _stream(self) -> None:
+        import grpc
+        from envoy.service.discovery.v3 import ads_pb2_grpc
+
+        async with grpc.aio.insecure_channel(self.discovery_address) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            outbox: asyncio.Queue[Any] = asyncio.Queue()
+            self._outbox = outbox
+            self._nonces = {}
+            first = True
+            for type_url in WILDCARD_TYPES:
+                outbox.put_nowait(self._request(type_url, frozenset(), node=first))
+                first = False
+            for type_url in (ENDPOINT, ROUTE):
+                names = self._subscribed.get(type_url)
+                if names:
+                    outbox.put_nowait(self._request(type_url, names))
+            call = stub.StreamAggregatedResources(self._requests(outbox))
+            stop = asyncio.get_running_loop().create_task(self.stopped.wait())
+            try:
+                reader = call.__aiter__()
+                while True:
+                    next_response = asyncio.ensure_future(reader.__anext__())
+                    done, _ = await asyncio.wait(
+                        {next_response, stop}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if stop in done:
+                        next_response.cancel()
+                        call.cancel()
+                        return
+                    try:
+                        response = next_response.result()
+                    except StopAsyncIteration:
+                        raise ConnectionError("Pilot closed the stream") from None
+                    self.connected = True
+                    self._on_response(response)
+            finally:
+                stop.cancel()
+                self._outbox = None
+
+    async def _requests(self, outbox: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+        while True:
+            yield await outbox.get()
+
+    def _request(
+        self,
+        type_url: str,
+        names: frozenset[str],
+        *,
+        node: bool = False,
+        nonce: str = "",
+        error: str | None = None,
+    ) -> Any:
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url,
+            version_info=self.state.types[type_url].version,
+            resource_names=sorted(names),
+            response_nonce=nonce,
+        )
+        if node:
+            request.node.id = self.node.id
+            request.node.cluster = "istio-proxy"
+            request.node.user_agent_name = "istio-proxy"
+            metadata = struct_pb2.Struct()
+            metadata.update(self.node.metadata)
+            request.node.metadata.CopyFrom(metadata)
+        if error is not None:
+            request.error_detail.code = 3  # INVALID_ARGUMENT
+            request.error_detail.message = error
+        return request
+
+    def _on_response(self, response: Any) -> None:
+        type_url = response.type_url
+        outbox = self._outbox
+        assert outbox is not None
+        self._nonces[type_url] = response.nonce
+        names = self._subscribed.get(type_url, frozenset())
+        error = self.state.accept(type_url, response.version_info, response.resources)
+        short = SHORT_NAMES.get(type_url, type_url)
+        if error is not None:
+            log.error("rejected %s version %s: %s", short, response.version_info, error)
+            outbox.put_nowait(self._request(type_url, names, nonce=response.nonce, error=error))
+            return
+        log.info(
+            "accepted %s version %s (%d)", short, response.version_info, len(response.resources)
+        )
+        outbox.put_nowait(self._request(type_url, names, nonce=response.nonce))
+        if type_url == CLUSTER:
+            self._resubscribe(ENDPOINT, self.state.eds_names())
+        elif type_url == LISTENER:
+            self._resubscribe(ROUTE, self.state.rds_names())
+        self._changed.set()
+
+    def _resubscribe(self, type_url: str, names: frozenset[str]) -> None:
+        if self._subscribed.get(type_url) == names:
+            return
+        self._subscribed[type_url] = names
+        assert self._outbox is not None
+        self._outbox.put_nowait(
+            self._request(type_url, names, nonce=self._nonces.get(type_url, ""))
+        )
+
+    # applying snapshots
+
+    async def _publish(self) -> None:
+        loop = asyncio.get_running_loop()
+        warming_since: float | None = None
+        while True:
+            timeout = None
+            if warming_since is not None:
+                timeout = max(0.0, warming_since + self.warm_timeout - loop.time())
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+                self._changed.clear()
+            except TimeoutError:
+                pass
+            snapshot = self.state.snapshot()
+            if not self.state.complete(snapshot):
+                if warming_since is None:
+                    warming_since = loop.time()
+                if loop.time() - warming_since < self.warm_timeout or not (
+                    self.state.received >= set(WILDCARD_TYPES)
+                ):
+                    continue
+                log.warning("applying config still missing %s", ", ".join(snapshot.missing()))
+            warming_since = None
+            await self.apply(snapshot)
+
+    async def apply(self, snapshot: Snapshot) -> None:
+        self.context.apply(snapshot)
+        await self.listeners.apply(snapshot)
+        self.ready.set()
+
+    # admin
+
+    def admin(self, method: str, target: str) -> tuple[int, str, str]:
+        path = urlsplit(target).path
+        if path == "/ready":
+            if self.ready.is_set():
+                return 200, "text/plain", "LIVE\n"
+            return 503, "text/plain", "PRE_INITIALIZING: waiting for the first config\n"
+        if path == "/quitquitquit":
+            if method != "POST":
+                return 405, "text/plain", "use POST\n"
+            asyncio.get_running_loop().call_soon(self.stopped.set)
+            return 200, "text/plain", "OK\n"
+        if path == "/config_dump":
+            return 200, "application/json", json_body(self.config_dump())
+        if path == "/stats":
+            return 200, "text/plain", self.context.stats.text()
+        if path == "/stats/prometheus":
+            return 200, "text/plain; version=0.0.4", self.context.stats.prometheus()
+        if path == "/clusters":
+            return 200, "text/plain", self.clusters_text()
+        if path == "/server_info":
+            return (
+                200,
+                "application/json",
+                json_body(
+                    {
+                        "node": self.node.id,
+                        "state": "LIVE" if self.ready.is_set() else "PRE_INITIALIZING",
+                        "connected": self.connected,
+                        "versions": dict(self.context.snapshot.versions),
+                        "nacks": self.state.nacks,
+                        "last_nack": self.state.last_nack,
+                        "listener_errors": self.listeners.errors,
+                    }
+                ),
+            )
+        return 404, "text/plain", f"unknown admin path {path}\n"
+
+    def config_dump(self) -> dict[str, Any]:
+        configs = []
+        for type_url, (dump_type, key, field_name) in _DUMP_TYPES.items():
+            state = self.state.types[type_url]
+            entries = []
+            for name, message in sorted(state.raw.items()):
+                body = json_format.MessageToDict(message)
+                if type_url == LISTENER:
+                    body = {"version_info": state.version, "listener": body}
+                entries.append({"name": name, "version_info": state.version, field_name: body})
+            configs.append({"@type": dump_type, "version_info": state.version, key: entries})
+        return {"configs": configs}
+
+    def clusters_text(self) -> str:
+        lines = []
+        for name, runtime in sorted(self.context.clusters.clusters.items()):
+            for host in runtime.hosts.values():
+                address = f"{host.address[0]}:{host.address[1]}"
+                lines.append(f"{name}::{address}::rq_active::{host.active}")
+                lines.append(f"{name}::{address}::idle_cx::{len(host.idle)}")
+                health = "/failed_outlier_check" if host.ejected_until else "healthy"
+                lines.append(f"{name}::{address}::health_flags::{health}")
+        return "\n".join(lines) + "\n"
+
+    async def serve_admin(
+        self, host: str, admin_port: int, stats_port: int
+    ) -> list[asyncio.Server]:
+        servers = [await serve(host, admin_port, self.admin)]
+        if stats_port and stats_port != admin_port:
+            servers.append(await serve(host, stats_port, self.admin))
+        return servers

@@ -1,0 +1,528 @@
+"""xDS resources (Envoy v3 protos) to the proxy's runtime config (istio.proxy.config).
+
+Pure: no I/O, no asyncio. Each function compiles one resource or raises `CompileError` naming
+the resource and what is wrong with it, which the agent sends back to Pilot as the NACK's
+reason. Whatever the data path cannot honour faithfully is refused here, never half-applied.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2, duration_pb2
+
+from istio.proxy import config as rt
+
+HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
+TCP_PROXY = "envoy.filters.network.tcp_proxy"
+ROUTER = "envoy.filters.http.router"
+FAULT = "envoy.filters.http.fault"
+ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TLS_TRANSPORT = "envoy.transport_sockets.tls"
+
+_HCM_TYPE = "type.googleapis.com/" + hcm.HttpConnectionManager.DESCRIPTOR.full_name
+_TCP_TYPE = "type.googleapis.com/" + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
+_FAULT_TYPE = "type.googleapis.com/" + fault_pb2.HTTPFault.DESCRIPTOR.full_name
+_DENOMINATORS = {
+    percent_pb2.FractionalPercent.HUNDRED: 10_000,
+    percent_pb2.FractionalPercent.TEN_THOUSAND: 100,
+    percent_pb2.FractionalPercent.MILLION: 1,
+}
+_LB = {
+    cluster_pb2.Cluster.ROUND_ROBIN: rt.LbPolicy.ROUND_ROBIN,
+    cluster_pb2.Cluster.LEAST_REQUEST: rt.LbPolicy.LEAST_REQUEST,
+    cluster_pb2.Cluster.RANDOM: rt.LbPolicy.RANDOM,
+    cluster_pb2.Cluster.CLUSTER_PROVIDED: rt.LbPolicy.CLUSTER_PROVIDED,
+}
+_CLUSTER_TYPES = {
+    cluster_pb2.Cluster.STATIC: rt.ClusterType.STATIC,
+    cluster_pb2.Cluster.STRICT_DNS: rt.ClusterType.STRICT_DNS,
+    cluster_pb2.Cluster.LOGICAL_DNS: rt.ClusterType.LOGICAL_DNS,
+    cluster_pb2.Cluster.EDS: rt.ClusterType.EDS,
+    cluster_pb2.Cluster.ORIGINAL_DST: rt.ClusterType.ORIGINAL_DST,
+}
+
+
+class CompileError(ValueError):
+    """A resource the proxy refuses; str() is the NACK's message."""
+
+    def __init__(self, kind: str, name: str, reason: str) -> None:
+        super().__init__(f"{kind} {name!r}: {reason}")
+        self.kind = kind
+        self.name = name
+        self.reason = reason
+
+
+def seconds(value: duration_pb2.Duration) -> float:
+    return value.seconds + value.nanos / 1e9
+
+
+def ppm(value: percent_pb2.FractionalPercent) -> int:
+    """A FractionalPercent as parts per million, capped at one million."""
+    return min(int(value.numerator) * _DENOMINATORS.get(value.denominator, 1), 1_000_000)
+
+
+def _regex(kind: str, name: str, pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise CompileError(kind, name, f"regex {pattern!r} does not compile: {error}") from None
+
+
+# Routes (RDS and inline route configurations).
+
+
+def _string_matcher(
+    name: str, header: str, matcher: string_pb2.StringMatcher, invert: bool
+) -> rt.HeaderMatcher:
+    kind = matcher.WhichOneof("match_pattern")
+    ignore = matcher.ignore_case
+    if kind == "exact":
+        return rt.HeaderMatcher(header, rt.MatchKind.EXACT, matcher.exact, None, ignore, invert)
+    if kind == "prefix":
+        return rt.HeaderMatcher(header, rt.MatchKind.PREFIX, matcher.prefix, None, ignore, invert)
+    if kind == "suffix":
+        return rt.HeaderMatcher(header, rt.MatchKind.SUFFIX, matcher.suffix, None, ignore, invert)
+    if kind == "contains":
+        return rt.HeaderMatcher(
+            header, rt.MatchKind.CONTAINS, matcher.contains, None, ignore, invert
+        )
+    if kind == "safe_regex":
+        pattern = _regex("route", name, matcher.safe_regex.regex)
+        return rt.HeaderMatcher(header, rt.MatchKind.REGEX, "", pattern, False, invert)
+    raise CompileError("route", name, f"header {header!r}: unsupported string match {kind}")
+
+
+def _header_matcher(name: str, matcher: rc.HeaderMatcher) -> rt.HeaderMatcher:
+    header = matcher.name.lower()
+    invert = matcher.invert_match
+    kind = matcher.WhichOneof("header_match_specifier")
+    if kind == "string_match":
+        return _string_matcher(name, header, matcher.string_match, invert)
+    if kind == "exact_match":
+        return rt.HeaderMatcher(header, rt.MatchKind.EXACT, matcher.exact_match, invert=invert)
+    if kind == "prefix_match":
+        return rt.HeaderMatcher(header, rt.MatchKind.PREFIX, matcher.prefix_match, invert=invert)
+    if kind == "suffix_match":
+        return rt.HeaderMatcher(header, rt.MatchKind.SUFFIX, matcher.suffix_match, invert=invert)
+    if kind == "contains_match":
+        return rt.HeaderMatcher(
+            header, rt.MatchKind.CONTAINS, matcher.contains_match, invert=invert
+        )
+    if kind == "safe_regex_match":
+        pattern = _regex("route", name, matcher.safe_regex_match.regex)
+        return rt.HeaderMatcher(header, rt.MatchKind.REGEX, "", pattern, invert=invert)
+    if kind == "present_match" or kind is None:
+        present = matcher.present_match if kind else True
+        return rt.HeaderMatcher(header, rt.MatchKind.PRESENT, invert=invert != (not present))
+    raise CompileError("route", name, f"header {header!r}: unsupported match {kind}")
+
+
+def _route_match(name: str, match: rc.RouteMatch) -> rt.RouteMatch:
+    if match.query_parameters or match.HasField("grpc") or match.HasField("tls_context"):
+        raise CompileError("route", name, "query parameter, grpc and tls matches are unsupported")
+    case_sensitive = not match.HasField("case_sensitive") or match.case_sensitive.value
+    headers = tuple(_header_matcher(name, header) for header in match.headers)
+    kind = match.WhichOneof("path_specifier")
+    if kind == "prefix":
+        return rt.RouteMatch(rt.PathKind.PREFIX, match.prefix, None, case_sensitive, headers)
+    if kind == "path":
+        return rt.RouteMatch(rt.PathKind.EXACT, match.path, None, case_sensitive, headers)
+    if kind == "safe_regex":
+        pattern = _regex("route", name, match.safe_regex.regex)
+        return rt.RouteMatch(rt.PathKind.REGEX, "", pattern, case_sensitive, headers)
+    raise CompileError("route", name, f"unsupported path match {kind}")
+
+
+_RETRY_ON = {
+    "5xx": "on_5xx",
+    "gateway-error": "on_gateway_error",
+    "connect-failure": "on_connect_failure",
+    "reset": "on_reset",
+    "refused-stream": "on_refused_stream",
+    "retriable-status-codes": "",
+    # gRPC statuses: they arrive in HTTP/2 trailers, which the HTTP/2 upstream will read
+    "cancelled": "",
+    "deadline-exceeded": "",
+    "internal": "",
+    "resource-exhausted": "",
+    "unavailable": "",
+}
+
+
+def _retry(name: str, policy: rc.RetryPolicy) -> rt.RetryPolicy:
+    flags: dict[str, bool] = {}
+    for condition in filter(None, (c.strip() for c in policy.retry_on.split(","))):
+        if condition not in _RETRY_ON:
+            raise CompileError("route", name, f"unsupported retry_on condition {condition!r}")
+        if _RETRY_ON[condition]:
+            flags[_RETRY_ON[condition]] = True
+    return rt.RetryPolicy(
+        **flags,
+        retriable_status_codes=frozenset(policy.retriable_status_codes),
+        num_retries=policy.num_retries.value if policy.HasField("num_retries") else 1,
+        per_try_timeout=seconds(policy.per_try_timeout),
+    )
+
+
+def _headers_to_add(options: Iterable[base_pb2.HeaderValueOption]) -> tuple[rt.HeaderToAdd, ...]:
+    added = []
+    for option in options:
+        if option.HasField("append"):
+            append = option.append.value
+        else:
+            append = option.append_action in (
+                base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
+                base_pb2.HeaderValueOption.ADD_IF_ABSENT,
+            )
+        added.append(rt.HeaderToAdd(option.header.key.lower(), option.header.value, append))
+    return tuple(added)
+
+
+def _fault(name: str, packed: any_pb2.Any) -> rt.Fault:
+    if packed.type_url != _FAULT_TYPE:
+        raise CompileError("route", name, f"fault config of type {packed.type_url}")
+    fault = fault_pb2.HTTPFault()
+    packed.Unpack(fault)
+    delay = fault.delay
+    if delay.HasField("header_delay") or fault.abort.HasField("header_abort"):
+        raise CompileError("route", name, "header-controlled faults are unsupported")
+    abort_status = fault.abort.http_status
+    if fault.abort.HasField("grpc_status"):
+        raise CompileError("route", name, "gRPC status aborts are unsupported")
+    if fault.HasField("abort") and not 200 <= abort_status < 600:
+        raise CompileError("route", name, f"abort http_status {abort_status} out of range")
+    return rt.Fault(
+        delay=seconds(delay.fixed_delay),
+        delay_ppm=ppm(delay.percentage) if delay.HasField("fixed_delay") else 0,
+        abort_status=abort_status,
+        abort_ppm=ppm(fault.abort.percentage) if fault.HasField("abort") else 0,
+    )
+
+
+def _action(name: str, action: rc.RouteAction) -> rt.RouteAction:
+    kind = action.WhichOneof("cluster_specifier")
+    if kind == "cluster":
+        clusters: tuple[tuple[str, int], ...] = ((action.cluster, 1),)
+        total = 1
+    elif kind == "weighted_clusters":
+        clusters = tuple(
+            (weight.name, weight.weight.value)
+            for weight in action.weighted_clusters.clusters
+            if weight.weight.value > 0
+        )
+        total = sum(weight for _, weight in clusters)
+        if not clusters:
+            raise CompileError("route", name, "weighted_clusters without a positive weight")
+    else:
+        raise CompileError("route", name, f"unsupported cluster specifier {kind}")
+    websocket = False
+    for upgrade in action.upgrade_configs:
+        if upgrade.upgrade_type.lower() != "websocket":
+            raise CompileError("route", name, f"unsupported upgrade {upgrade.upgrade_type!r}")
+        websocket = not upgrade.HasField("enabled") or upgrade.enabled.value
+    return rt.RouteAction(
+        clusters=clusters,
+        total_weight=total,
+        timeout=seconds(action.timeout) if action.HasField("timeout") else rt.DEFAULT_ROUTE_TIMEOUT,
+        retry=_retry(name, action.retry_policy) if action.HasField("retry_policy") else None,
+        prefix_rewrite=action.prefix_rewrite or None,
+        host_rewrite=action.host_rewrite_literal,
+        mirrors=tuple(
+            mirror.cluster
+            for mirror in action.request_mirror_policies
+            if not mirror.HasField("runtime_fraction")
+            or mirror.runtime_fraction.default_value.numerator > 0
+        ),
+        websocket=websocket,
+    )
+
+
+def _redirect(redirect: rc.RedirectAction) -> rt.Redirect:
+    codes = {
+        rc.RedirectAction.MOVED_PERMANENTLY: 301,
+        rc.RedirectAction.FOUND: 302,
+        rc.RedirectAction.SEE_OTHER: 303,
+        rc.RedirectAction.TEMPORARY_REDIRECT: 307,
+        rc.RedirectAction.PERMANENT_REDIRECT: 308,
+    }
+    scheme = "https" if redirect.https_redirect else redirect.scheme_redirect
+    return rt.Redirect(
+        host=redirect.host_redirect,
+        path=redirect.path_redirect,
+        prefix_rewrite=redirect.prefix_rewrite,
+        scheme=scheme,
+        port=redirect.port_redirect,
+        status=codes.get(redirect.response_code, 301),
+        strip_query=redirect.strip_query,
+    )
+
+
+def route(table: str, route: rc.Route) -> rt.Route:
+    name = f"{table}/{route.name}" if route.name else table
+    kind = route.WhichOneof("action")
+    action: rt.RouteAction | rt.Redirect | rt.DirectResponse
+    if kind == "route":
+        action = _action(name, route.route)
+    elif kind == "redirect":
+        action = _redirect(route.redirect)
+    elif kind == "direct_response":
+        action = rt.DirectResponse(
+            route.direct_response.status, route.direct_response.body.inline_string
+        )
+    else:
+        raise CompileError("route", name, f"unsupported route action {kind}")
+    fault = None
+    for filter_name, packed in route.typed_per_filter_config.items():
+        if filter_name == FAULT:
+            fault = _fault(name, packed)
+        else:
+            raise CompileError("route", name, f"per-filter config for unknown filter {filter_name}")
+    return rt.Route(
+        name=route.name,
+        match=_route_match(name, route.match),
+        action=action,
+        fault=fault,
+        headers_to_add=_headers_to_add(route.request_headers_to_add),
+        headers_to_remove=tuple(h.lower() for h in route.request_headers_to_remove),
+    )
+
+
+def route_table(config: route_pb2.RouteConfiguration) -> rt.RouteTable:
+    hosts = []
+    for host in config.virtual_hosts:
+        if not host.domains:
+            raise CompileError("route configuration", config.name, f"{host.name}: no domains")
+        hosts.append(
+            rt.VirtualHost(
+                name=host.name,
+                domains=tuple(host.domains),
+                routes=tuple(route(f"{config.name}/{host.name}", r) for r in host.routes),
+                headers_to_add=_headers_to_add(host.request_headers_to_add),
+            )
+        )
+    return rt.RouteTable.build(
+        config.name, tuple(hosts), _headers_to_add(config.request_headers_to_add)
+    )
+
+
+# Listeners (LDS).
+
+
+def _http_manager(name: str, manager: hcm.HttpConnectionManager) -> rt.HttpManager:
+    fault_filter = False
+    for http_filter in manager.http_filters:
+        if http_filter.name == FAULT:
+            fault_filter = True
+        elif http_filter.name != ROUTER and not http_filter.is_optional:
+            raise CompileError("listener", name, f"unsupported HTTP filter {http_filter.name}")
+    kind = manager.WhichOneof("route_specifier")
+    rds = routes = None
+    if kind == "rds":
+        rds = manager.rds.route_config_name
+    elif kind == "route_config":
+        routes = route_table(manager.route_config)
+    else:
+        raise CompileError("listener", name, f"unsupported route specifier {kind}")
+    return rt.HttpManager(
+        stat_prefix=manager.stat_prefix or name,
+        rds=rds,
+        routes=routes,
+        generate_request_id=not manager.HasField("generate_request_id")
+        or manager.generate_request_id.value,
+        use_remote_address=manager.use_remote_address.value,
+        fault_filter=fault_filter,
+    )
+
+
+def _chain(
+    name: str, chain: listener_components_pb2.FilterChain
+) -> rt.HttpManager | rt.TcpProxy | None:
+    if chain.HasField("transport_socket"):
+        raise CompileError("listener", name, "TLS listeners are not supported yet")
+    if len(chain.filters) != 1:
+        raise CompileError(
+            "listener", name, f"expected one network filter, got {len(chain.filters)}"
+        )
+    network_filter = chain.filters[0]
+    packed = network_filter.typed_config
+    if packed.type_url == _HCM_TYPE:
+        manager = hcm.HttpConnectionManager()
+        packed.Unpack(manager)
+        return _http_manager(name, manager)
+    if packed.type_url == _TCP_TYPE:
+        tcp = tcp_proxy_pb2.TcpProxy()
+        packed.Unpack(tcp)
+        if tcp.WhichOneof("cluster_specifier") != "cluster":
+            raise CompileError("listener", name, "tcp_proxy needs a single cluster")
+        return rt.TcpProxy(tcp.stat_prefix or name, tcp.cluster)
+    raise CompileError("listener", name, f"unsupported network filter {network_filter.name}")
+
+
+def listener(resource: listener_pb2.Listener) -> rt.Listener:
+    name = resource.name
+    if not resource.address.HasField("socket_address"):
+        raise CompileError("listener", name, "only socket addresses are supported")
+    address = resource.address.socket_address
+    for listener_filter in resource.listener_filters:
+        if listener_filter.name != ORIGINAL_DST_FILTER:
+            raise CompileError(
+                "listener", name, f"unsupported listener filter {listener_filter.name}"
+            )
+    chains = [c for c in resource.filter_chains if not c.HasField("filter_chain_match")]
+    if len(chains) != len(resource.filter_chains):
+        raise CompileError("listener", name, "filter_chain_match is not supported yet")
+    if len(chains) > 1:
+        raise CompileError("listener", name, "more than one filter chain without a match")
+    if chains:
+        chain = _chain(name, chains[0])
+    elif resource.HasField("default_filter_chain"):
+        chain = _chain(name, resource.default_filter_chain)
+    else:
+        chain = None
+    return rt.Listener(
+        name=name,
+        host=address.address,
+        port=address.port_value,
+        bind=not resource.HasField("bind_to_port") or resource.bind_to_port.value,
+        use_original_dst=resource.use_original_dst.value,
+        chain=chain,
+        inbound=resource.traffic_direction == base_pb2.TrafficDirection.INBOUND,
+    )
+
+
+# Clusters (CDS) and endpoints (EDS).
+
+
+def load_assignment(assignment: endpoint_pb2.ClusterLoadAssignment) -> tuple[rt.Endpoint, ...]:
+    endpoints = []
+    unusable = (health_check_pb2.UNHEALTHY, health_check_pb2.DRAINING, health_check_pb2.TIMEOUT)
+    for locality in assignment.endpoints:
+        for lb_endpoint in locality.lb_endpoints:
+            if lb_endpoint.health_status in unusable:
+                continue
+            address = lb_endpoint.endpoint.address
+            if not address.HasField("socket_address"):
+                raise CompileError(
+                    "endpoints", assignment.cluster_name, "only socket addresses are supported"
+                )
+            socket_address = address.socket_address
+            weight = lb_endpoint.load_balancing_weight.value or 1
+            endpoints.append(rt.Endpoint(socket_address.address, socket_address.port_value, weight))
+    return tuple(endpoints)
+
+
+def _breakers(cluster: cluster_pb2.Cluster) -> rt.CircuitBreakers:
+    defaults = rt.CircuitBreakers()
+    for thresholds in cluster.circuit_breakers.thresholds:
+        if thresholds.priority != base_pb2.RoutingPriority.DEFAULT:
+            continue
+
+        def value(field: str, default: int, thresholds: object = thresholds) -> int:
+            wrapper = getattr(thresholds, field)
+            return int(wrapper.value) if thresholds.HasField(field) else default  # type: ignore[attr-defined]
+
+        return rt.CircuitBreakers(
+            max_connections=value("max_connections", defaults.max_connections),
+            max_pending_requests=value("max_pending_requests", defaults.max_pending_requests),
+            max_requests=value("max_requests", defaults.max_requests),
+            max_retries=value("max_retries", defaults.max_retries),
+        )
+    return defaults
+
+
+def _outlier(cluster: cluster_pb2.Cluster) -> rt.OutlierDetection | None:
+    if not cluster.HasField("outlier_detection"):
+        return None
+    outlier = cluster.outlier_detection
+    defaults = rt.OutlierDetection()
+    return rt.OutlierDetection(
+        consecutive_5xx=outlier.consecutive_5xx.value
+        if outlier.HasField("consecutive_5xx")
+        else defaults.consecutive_5xx,
+        interval=seconds(outlier.interval) if outlier.HasField("interval") else defaults.interval,
+        base_ejection_time=seconds(outlier.base_ejection_time)
+        if outlier.HasField("base_ejection_time")
+        else defaults.base_ejection_time,
+        max_ejection_percent=outlier.max_ejection_percent.value
+        if outlier.HasField("max_ejection_percent")
+        else defaults.max_ejection_percent,
+    )
+
+
+def cluster(resource: cluster_pb2.Cluster) -> rt.Cluster:
+    name = resource.name
+    kind = resource.WhichOneof("cluster_discovery_type")
+    if kind != "type" or resource.type not in _CLUSTER_TYPES:
+        raise CompileError("cluster", name, f"unsupported cluster type {kind}")
+    cluster_type = _CLUSTER_TYPES[resource.type]
+    if resource.lb_policy not in _LB:
+        raise CompileError(
+            "cluster",
+            name,
+            f"unsupported lb_policy {cluster_pb2.Cluster.LbPolicy.Name(resource.lb_policy)}",
+        )
+    lb = _LB[resource.lb_policy]
+    if (lb is rt.LbPolicy.CLUSTER_PROVIDED) != (cluster_type is rt.ClusterType.ORIGINAL_DST):
+        if cluster_type is rt.ClusterType.ORIGINAL_DST:
+            lb = rt.LbPolicy.CLUSTER_PROVIDED
+        else:
+            raise CompileError("cluster", name, "CLUSTER_PROVIDED needs an ORIGINAL_DST cluster")
+    http2 = False
+    max_per_connection = resource.max_requests_per_connection.value
+    packed = resource.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS)
+    if packed is not None:
+        options = http_protocol_options_pb2.HttpProtocolOptions()
+        packed.Unpack(options)
+        http2 = options.explicit_http_config.HasField("http2_protocol_options")
+        common = options.common_http_protocol_options
+        max_per_connection = common.max_requests_per_connection.value or max_per_connection
+    tls_sni = None
+    if resource.HasField("transport_socket"):
+        socket = resource.transport_socket
+        if socket.name != TLS_TRANSPORT:
+            raise CompileError("cluster", name, f"unsupported transport socket {socket.name}")
+        tls = tls_pb2.UpstreamTlsContext()
+        socket.typed_config.Unpack(tls)
+        tls_sni = tls.sni
+    endpoints: tuple[rt.Endpoint, ...] = ()
+    if cluster_type in (
+        rt.ClusterType.STATIC,
+        rt.ClusterType.STRICT_DNS,
+        rt.ClusterType.LOGICAL_DNS,
+    ):
+        endpoints = load_assignment(resource.load_assignment)
+        if cluster_type is rt.ClusterType.LOGICAL_DNS and len(endpoints) > 1:
+            raise CompileError("cluster", name, "LOGICAL_DNS takes exactly one endpoint")
+    return rt.Cluster(
+        name=name,
+        type=cluster_type,
+        lb=lb,
+        connect_timeout=seconds(resource.connect_timeout)
+        if resource.HasField("connect_timeout")
+        else 5.0,
+        eds_name=resource.eds_cluster_config.service_name or name,
+        endpoints=endpoints,
+        breakers=_breakers(resource),
+        outlier=_outlier(resource),
+        max_requests_per_connection=max_per_connection,
+        http2=http2,
+        tls_sni=tls_sni,
+    )

@@ -1,0 +1,402 @@
+"""The proxy's runtime configuration: immutable records compiled from xDS, and routing over them.
+
+Theory of operation. `istio.proxy.compile` turns Envoy protos into these records once per xDS
+update; the data path only ever reads them. A `Snapshot` holds one consistent set of
+listeners, route tables, clusters and endpoints; the agent swaps the whole snapshot at once, so
+a request sees either the old config or the new one, never a mix. Everything here is pure
+(no I/O, no asyncio): routing is a function of (route table, request facts, a random draw).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+DEFAULT_ROUTE_TIMEOUT = 15.0
+
+
+class MatchKind(enum.Enum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    SUFFIX = "suffix"
+    CONTAINS = "contains"
+    REGEX = "regex"
+    PRESENT = "present"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatcher:
+    """Envoy's HeaderMatcher: `name` is lowercase; pseudo-headers keep their colon."""
+
+    name: str
+    kind: MatchKind
+    value: str = ""
+    pattern: re.Pattern[str] | None = None
+    ignore_case: bool = False
+    invert: bool = False
+
+    def matches(self, headers: Mapping[str, str]) -> bool:
+        actual = headers.get(self.name)
+        if self.kind is MatchKind.PRESENT:
+            return (actual is not None) != self.invert
+        if actual is None:
+            return self.invert
+        value = self.value
+        if self.ignore_case:
+            actual, value = actual.lower(), value.lower()
+        if self.kind is MatchKind.EXACT:
+            result = actual == value
+        elif self.kind is MatchKind.PREFIX:
+            result = actual.startswith(value)
+        elif self.kind is MatchKind.SUFFIX:
+            result = actual.endswith(value)
+        elif self.kind is MatchKind.CONTAINS:
+            result = value in actual
+        else:
+            assert self.pattern is not None
+            result = self.pattern.fullmatch(actual) is not None
+        return result != self.invert
+
+
+class PathKind(enum.Enum):
+    PREFIX = "prefix"
+    EXACT = "path"
+    REGEX = "safe_regex"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    path_kind: PathKind
+    path: str = ""
+    pattern: re.Pattern[str] | None = None
+    case_sensitive: bool = True
+    headers: tuple[HeaderMatcher, ...] = ()
+
+    def matches(self, path: str, headers: Mapping[str, str]) -> bool:
+        """`path` is the request's :path; exact and regex matches ignore the query string,
+        as Envoy's do."""
+        kind = self.path_kind
+        if kind is PathKind.PREFIX:
+            if self.case_sensitive:
+                if not path.startswith(self.path):
+                    return False
+            elif not path.lower().startswith(self.path.lower()):
+                return False
+        else:
+            bare = path.partition("?")[0]
+            if kind is PathKind.EXACT:
+                if bare != self.path if self.case_sensitive else bare.lower() != self.path.lower():
+                    return False
+            else:
+                assert self.pattern is not None
+                if self.pattern.fullmatch(bare) is None:
+                    return False
+        return all(matcher.matches(headers) for matcher in self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    on_5xx: bool = False
+    on_gateway_error: bool = False
+    on_connect_failure: bool = False
+    on_reset: bool = False
+    on_refused_stream: bool = False
+    retriable_status_codes: frozenset[int] = frozenset()
+    num_retries: int = 1
+    per_try_timeout: float = 0.0  # 0: none, the route timeout alone
+
+    def retries_status(self, status: int) -> bool:
+        if self.on_5xx and status >= 500:
+            return True
+        if self.on_gateway_error and status in (502, 503, 504):
+            return True
+        return status in self.retriable_status_codes
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """The fault filter's per-route config; percentages in parts per million."""
+
+    delay: float = 0.0
+    delay_ppm: int = 0
+    abort_status: int = 0
+    abort_ppm: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderToAdd:
+    name: str
+    value: str
+    append: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    host: str = ""
+    path: str = ""
+    prefix_rewrite: str = ""
+    scheme: str = ""
+    port: int = 0
+    status: int = 301
+    strip_query: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAction:
+    clusters: tuple[tuple[str, int], ...]  # (cluster, weight); one entry: no split
+    total_weight: int
+    timeout: float = DEFAULT_ROUTE_TIMEOUT  # 0: none
+    retry: RetryPolicy | None = None
+    prefix_rewrite: str | None = None
+    host_rewrite: str = ""
+    mirrors: tuple[str, ...] = ()
+    websocket: bool = False
+
+    def pick_cluster(self, draw: int) -> str:
+        """The cluster for a draw in [0, total_weight) (weighted clusters as Envoy's)."""
+        if len(self.clusters) == 1:
+            return self.clusters[0][0]
+        for name, weight in self.clusters:
+            if draw < weight:
+                return name
+            draw -= weight
+        return self.clusters[-1][0]
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    match: RouteMatch
+    action: RouteAction | Redirect | DirectResponse
+    fault: Fault | None = None
+    headers_to_add: tuple[HeaderToAdd, ...] = ()
+    headers_to_remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+    headers_to_add: tuple[HeaderToAdd, ...] = ()
+
+    def route_for(self, path: str, headers: Mapping[str, str]) -> Route | None:
+        for route in self.routes:
+            if route.match.matches(path, headers):
+                return route
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """A RouteConfiguration: virtual hosts found by authority as Envoy finds them: an exact
+    domain first, then the longest `*.suffix` wildcard, then the longest `prefix*`, then `*`."""
+
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+    exact: Mapping[str, VirtualHost]
+    suffixes: tuple[tuple[str, VirtualHost], ...]  # longest first
+    prefixes: tuple[tuple[str, VirtualHost], ...]  # longest first
+    default: VirtualHost | None
+    headers_to_add: tuple[HeaderToAdd, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        virtual_hosts: tuple[VirtualHost, ...],
+        headers_to_add: tuple[HeaderToAdd, ...] = (),
+    ) -> RouteTable:
+        exact: dict[str, VirtualHost] = {}
+        suffixes: list[tuple[str, VirtualHost]] = []
+        prefixes: list[tuple[str, VirtualHost]] = []
+        default = None
+        for host in virtual_hosts:
+            for domain in host.domains:
+                domain = domain.lower()
+                if domain == "*":
+                    default = default or host
+                elif domain.startswith("*"):
+                    suffixes.append((domain[1:], host))
+                elif domain.endswith("*"):
+                    prefixes.append((domain[:-1], host))
+                else:
+                    exact.setdefault(domain, host)
+        suffixes.sort(key=lambda item: -len(item[0]))
+        prefixes.sort(key=lambda item: -len(item[0]))
+        return cls(
+            name,
+            virtual_hosts,
+            MappingProxyType(exact),
+            tuple(suffixes),
+            tuple(prefixes),
+            default,
+            headers_to_add,
+        )
+
+    def virtual_host(self, authority: str) -> VirtualHost | None:
+        authority = authority.lower()
+        host = self.exact.get(authority)
+        if host is not None:
+            return host
+        for suffix, candidate in self.suffixes:
+            if authority.endswith(suffix) and len(authority) > len(suffix):
+                return candidate
+        for prefix, candidate in self.prefixes:
+            if authority.startswith(prefix) and len(authority) > len(prefix):
+                return candidate
+        return self.default
+
+    def route(self, authority: str, path: str, headers: Mapping[str, str]) -> Route | None:
+        selected = self.select(authority, path, headers)
+        return None if selected is None else selected[1]
+
+    def select(
+        self, authority: str, path: str, headers: Mapping[str, str]
+    ) -> tuple[VirtualHost, Route] | None:
+        host = self.virtual_host(authority)
+        if host is None:
+            return None
+        route = host.route_for(path, headers)
+        return None if route is None else (host, route)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpManager:
+    """An HttpConnectionManager: routes from RDS (`rds`) or inline (`routes`)."""
+
+    stat_prefix: str
+    rds: str | None = None
+    routes: RouteTable | None = None
+    generate_request_id: bool = True
+    use_remote_address: bool = False
+    fault_filter: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TcpProxy:
+    stat_prefix: str
+    cluster: str
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    host: str
+    port: int
+    bind: bool
+    use_original_dst: bool
+    chain: HttpManager | TcpProxy | None  # None: close every connection (no chain)
+    inbound: bool = False
+
+
+class ClusterType(enum.Enum):
+    STATIC = "STATIC"
+    STRICT_DNS = "STRICT_DNS"
+    LOGICAL_DNS = "LOGICAL_DNS"
+    EDS = "EDS"
+    ORIGINAL_DST = "ORIGINAL_DST"
+
+
+class LbPolicy(enum.Enum):
+    ROUND_ROBIN = "ROUND_ROBIN"
+    LEAST_REQUEST = "LEAST_REQUEST"
+    RANDOM = "RANDOM"
+    CLUSTER_PROVIDED = "CLUSTER_PROVIDED"
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakers:
+    """Envoy's default thresholds."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx: int = 5
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    type: ClusterType
+    lb: LbPolicy = LbPolicy.ROUND_ROBIN
+    connect_timeout: float = 5.0
+    eds_name: str = ""
+    endpoints: tuple[Endpoint, ...] = ()  # inline load_assignment (STATIC and DNS types)
+    breakers: CircuitBreakers = CircuitBreakers()
+    outlier: OutlierDetection | None = None
+    max_requests_per_connection: int = 0  # 0: unlimited
+    http2: bool = False
+    tls_sni: str | None = None  # set: originate TLS with this SNI ("" for the request host)
+
+
+def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One consistent configuration; `versions` by short type name (cds, eds, lds, rds)."""
+
+    listeners: Mapping[str, Listener] = field(default_factory=lambda: _frozen({}))
+    routes: Mapping[str, RouteTable] = field(default_factory=lambda: _frozen({}))
+    clusters: Mapping[str, Cluster] = field(default_factory=lambda: _frozen({}))
+    endpoints: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=lambda: _frozen({}))
+    versions: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
+
+    def endpoints_of(self, cluster: Cluster) -> tuple[Endpoint, ...]:
+        if cluster.type is ClusterType.EDS:
+            return self.endpoints.get(cluster.eds_name or cluster.name, ())
+        return cluster.endpoints
+
+    def listener_for_port(self, port: int, host: str | None = None) -> Listener | None:
+        """The listener that owns `host:port` (exact address first, then 0.0.0.0)."""
+        wildcard = None
+        for listener in self.listeners.values():
+            if listener.port != port or listener.use_original_dst:
+                continue
+            if host is not None and listener.host == host:
+                return listener
+            if listener.host in ("0.0.0.0", "::"):
+                wildcard = wildcard or listener
+        return wildcard
+
+    def missing(self) -> list[str]:
+        """What the config references but lacks: route tables of listeners and endpoints of
+        EDS clusters. A snapshot is complete (warm) when this is empty."""
+        wanted = []
+        for listener in self.listeners.values():
+            chain = listener.chain
+            if isinstance(chain, HttpManager) and chain.rds and chain.rds not in self.routes:
+                wanted.append(f"route {chain.rds}")
+        for cluster in self.clusters.values():
+            if cluster.type is ClusterType.EDS and (cluster.eds_name or cluster.name) not in (
+                self.endpoints
+            ):
+                wanted.append(f"endpoints {cluster.eds_name or cluster.name}")
+        return wanted

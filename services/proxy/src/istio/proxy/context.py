@@ -1,0 +1,73 @@
+"""What every connection of the data path shares: the current snapshot, the live clusters,
+stats, the access log and the limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from istio.proxy.config import Snapshot
+from istio.proxy.stats import Stats
+from istio.proxy.upstream import ClusterManager, Resolver
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_bytes: int = 60 * 1024  # Envoy's max_request_headers_kb default: 431 beyond
+    header_timeout: float = 10.0  # from a request's first byte to its last header: 408
+    idle_timeout: float = 300.0  # a keep-alive connection without a request is closed
+    buffer_bytes: int = 64 * 1024  # per-request buffering (retries, pipelining): pause beyond
+    drain_timeout: float = 5.0  # a removed listener's connections are closed after this
+    max_pipelined: int = 16  # queued requests on one connection before reading pauses
+
+
+class AccessLog:
+    """JSON lines, one per request, flushed once a second (and at exit)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._flush: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def open(cls, target: str) -> AccessLog | None:
+        if target in ("", "off"):
+            return None
+        if target in ("-", "/dev/stdout"):
+            return cls(sys.stdout)
+        if target == "/dev/stderr":
+            return cls(sys.stderr)
+        return cls(open(target, "a", buffering=1 << 16))
+
+    def write(self, entry: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(1.0, self.flush)
+
+    def flush(self) -> None:
+        self._flush = None
+        self.stream.flush()
+
+
+class Context:
+    def __init__(
+        self,
+        *,
+        limits: Limits | None = None,
+        resolver: Resolver | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.snapshot = Snapshot()
+        self.stats = Stats()
+        self.resolver = resolver or Resolver()
+        self.clusters = ClusterManager(self.stats, self.resolver)
+        self.limits = limits or Limits()
+        self.access_log = access_log
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` current: clusters first, so that no request routed by the new
+        snapshot finds its cluster missing."""
+        self.clusters.apply(snapshot.clusters, snapshot.endpoints)
+        self.snapshot = snapshot

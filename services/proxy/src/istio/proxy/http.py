@@ -1,0 +1,1206 @@
+"""The HTTP/1.1 data path: a downstream server protocol on httptools and the router that
+forwards each request to an upstream cluster.
+
+Theory of operation. `HttpConnection` is one client connection. httptools parses bytes into
+callbacks; each request becomes an `Exchange`, queued in arrival order (pipelining). Only the
+head of the queue is active: it is routed, sent upstream, and its response written; when it
+finishes the next one starts. Bodies stream both ways with backpressure: request bytes go to
+the upstream connection as they arrive (reading pauses while the upstream's write buffer is
+full, or while too much waits unsent), response bytes go to the client as they arrive (the
+upstream's reading pauses while the client's write buffer is full). Up to `buffer_bytes` of a
+request body are kept so that a retry can resend it; beyond that the request is not retried.
+
+The active exchange runs one small task for the decisions that wait (fault delay, connecting,
+the per-try wait for response headers, retries); body bytes never pass through it. Once the
+response headers are committed to the client, the task is done and callbacks carry the rest.
+
+Framing errors from the parser (Content-Length with Transfer-Encoding, duplicate
+Content-Length, obs-fold, bad chunk sizes, bare LF) answer 400 and close; headers over the
+limit answer 431, headers that arrive too slowly 408. Other connections never notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import random
+import socket
+import struct
+import time
+import uuid
+from collections import deque
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
+
+import httptools
+
+from istio.proxy.config import (
+    DirectResponse,
+    HeaderToAdd,
+    HttpManager,
+    Listener,
+    Redirect,
+    RetryPolicy,
+    Route,
+    RouteAction,
+    VirtualHost,
+)
+from istio.proxy.upstream import (
+    ClusterRuntime,
+    ConnectFailure,
+    HostState,
+    Overflow,
+    UpstreamConnection,
+)
+
+if TYPE_CHECKING:
+    from istio.proxy.context import Context
+    from istio.proxy.stats import HttpStats
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+STATUS_LINES = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()
+    for status in http.HTTPStatus
+}
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    }
+)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+SO_ORIGINAL_DST = 80
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    return line if line is not None else f"HTTP/1.1 {status} Unknown\r\n".encode()
+
+
+def original_destination(sock: socket.socket | None) -> Address | None:
+    """Where an iptables REDIRECT sent the connection, or None when it was not redirected."""
+    if sock is None or sock.family != socket.AF_INET:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    destination = (socket.inet_ntoa(packed), port)
+    local = sock.getsockname()
+    return None if destination == (local[0], local[1]) else destination
+
+
+def split_authority(authority: str, default_port: int = 80) -> Address:
+    """`host:port` (`[v6]:port`) to (host, port); no port: `default_port`."""
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        port = rest[1:]
+        return host, int(port) if rest.startswith(":") and port.isdigit() else default_port
+    host, colon, port = authority.rpartition(":")
+    if colon and port.isdigit():
+        return host, int(port)
+    return authority, default_port
+
+
+class ProtocolError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class HttpConnection(asyncio.Protocol):
+    """One downstream connection. `listener` fixes its HTTP connection manager; without one
+    (the 15001 listener, not redirected) each request finds the listener for the port of its
+    authority, which is also how absolute-form (explicit proxy) requests are served."""
+
+    def __init__(
+        self,
+        context: Context,
+        listener: Listener | None,
+        *,
+        original_dst: Address | None = None,
+        on_close: set[HttpConnection] | None = None,
+    ) -> None:
+        self.context = context
+        self.listener = listener
+        self.original_dst = original_dst
+        self.registry = on_close
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.current: Exchange | None = None  # the request being parsed
+        self.header_bytes = 0
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.read_pauses: set[str] = set()
+        self.write_paused = False
+        self.closing = False
+        self.draining = False
+        self.broken = False
+        self.stats: HttpStats | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        if self.registry is not None:
+            self.registry.add(self)
+        chain = self.listener.chain if self.listener is not None else None
+        if isinstance(chain, HttpManager):
+            self.stats = self.context.stats.http_stats(chain.stat_prefix)
+            self.stats.cx_total += 1
+            self.stats.cx_active += 1
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.registry is not None:
+            self.registry.discard(self)
+        if self.stats is not None:
+            self.stats.cx_active -= 1
+        for timer in (self.header_timer, self.idle_timer):
+            if timer is not None:
+                timer.cancel()
+        for exchange in self.queue:
+            exchange.abort("downstream connection closed")
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, ProtocolError):
+                self._protocol_error(cause.status, str(cause))
+            else:
+                log.exception("request callback failed", exc_info=cause)
+                self._protocol_error(500, "internal error")
+        except httptools.HttpParserUpgrade:
+            # Upgrades are not tunnelled yet: the request was forwarded without its Upgrade
+            # headers; nothing after it on this connection is HTTP we can parse, so stop.
+            self.broken = True
+            self._pause("upgrade")
+            if self.queue:
+                self.queue[-1].keep_alive = False
+        except httptools.HttpParserError as error:
+            self._protocol_error(400, str(error))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.queue:
+            self.queue[0].downstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.queue:
+            self.queue[0].downstream_write_paused(False)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.current = Exchange(self)
+        self.header_bytes = 0
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        loop = asyncio.get_running_loop()
+        self.header_timer = loop.call_later(
+            self.context.limits.header_timeout, self._header_timeout
+        )
+
+    def on_url(self, url: bytes) -> None:
+        assert self.current is not None
+        self.current.target += url
+        self._count_header_bytes(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        current = self.current
+        if current is None or current.headers_done:
+            return  # chunked trailers: not forwarded
+        self._count_header_bytes(len(name) + len(value) + 4)
+        current.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        current = self.current
+        assert current is not None
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+        current.headers_complete(
+            self.parser.get_method(),
+            self.parser.get_http_version(),
+            self.parser.should_keep_alive(),
+        )
+        self.queue.append(current)
+        if len(self.queue) == 1:
+            current.start()
+        elif len(self.queue) >= self.context.limits.max_pipelined:
+            self._pause("pipeline")
+
+    def on_body(self, body: bytes) -> None:
+        if self.current is not None:
+            self.current.request_body(body)
+
+    def on_message_complete(self) -> None:
+        current, self.current = self.current, None
+        if current is not None:
+            current.request_end()
+
+    # flow control and lifecycle
+
+    def _count_header_bytes(self, count: int) -> None:
+        self.header_bytes += count
+        if self.header_bytes > self.context.limits.max_header_bytes:
+            raise ProtocolError(431, "request headers too large")
+
+    def _pause(self, reason: str) -> None:
+        if not self.read_pauses and self.transport is not None:
+            self.transport.pause_reading()
+        self.read_pauses.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self.read_pauses:
+            self.read_pauses.discard(reason)
+            if not self.read_pauses and self.transport is not None and not self.closing:
+                self.transport.resume_reading()
+
+    def set_read_paused(self, reason: str, paused: bool) -> None:
+        if paused:
+            self._pause(reason)
+        else:
+            self._resume(reason)
+
+    def _arm_idle(self) -> None:
+        if self.idle_timer is None and not self.closing:
+            self.idle_timer = asyncio.get_running_loop().call_later(
+                self.context.limits.idle_timeout, self.close
+            )
+
+    def _header_timeout(self) -> None:
+        self.header_timer = None
+        self._protocol_error(408, "request headers not received in time")
+
+    def _protocol_error(self, status: int, reason: str) -> None:
+        """A request broke the protocol: answer it in turn with `status`, then close."""
+        self.broken = True
+        self._pause("broken")
+        current, self.current = self.current, None
+        if current is not None and current in self.queue:
+            current.broken(status, reason)
+            return
+        exchange = current or Exchange(self)
+        exchange.error = (status, reason)
+        exchange.keep_alive = False
+        self.queue.append(exchange)
+        if len(self.queue) == 1:
+            exchange.start()
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        if self.queue and self.queue[0] is exchange:
+            self.queue.popleft()
+        if not exchange.keep_alive or self.draining or self.closing:
+            self.close()
+            return
+        self._resume("pipeline")
+        if self.queue:
+            self.queue[0].start()
+        elif self.current is None:
+            self._arm_idle()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    def reset(self) -> None:
+        if self.transport is not None:
+            self.closing = True
+            self.transport.abort()
+
+    def drain(self) -> None:
+        """The listener is going away: finish what is in flight, then close."""
+        self.draining = True
+        if not self.queue and self.current is None:
+            self.close()
+
+    def manager(self, port: int) -> tuple[HttpManager | None, str]:
+        """The connection manager for a request (by the authority's port on 15001)."""
+        listener = self.listener
+        if listener is not None:
+            current = self.context.snapshot.listeners.get(listener.name)
+            chain = (current or listener).chain
+            return (chain if isinstance(chain, HttpManager) else None), listener.name
+        found = self.context.snapshot.listener_for_port(port)
+        if found is None or not isinstance(found.chain, HttpManager):
+            return None, ""
+        return found.chain, found.name
+
+
+class Exchange:
+    """One request on a downstream connection, and its response. Implements
+    istio.proxy.upstream.UpstreamHandler for the upstream connection it is attached to."""
+
+    __slots__ = (
+        "active_request",
+        "attempt_waiter",
+        "authority",
+        "body",
+        "body_bytes",
+        "bytes_received",
+        "bytes_sent",
+        "chunked",
+        "cluster",
+        "cluster_name",
+        "committed",
+        "conn",
+        "error",
+        "expect_continue",
+        "finished",
+        "flags",
+        "head_request",
+        "headers",
+        "headers_done",
+        "host",
+        "keep_alive",
+        "length",
+        "listener_name",
+        "manager",
+        "method",
+        "mirrored",
+        "path",
+        "replayable",
+        "request_done",
+        "request_id",
+        "response_body",
+        "response_chunked",
+        "response_done",
+        "response_head",
+        "response_reset",
+        "response_status",
+        "route",
+        "sent_index",
+        "started",
+        "status",
+        "table_headers",
+        "target",
+        "task",
+        "timed_out",
+        "timer",
+        "upstream",
+        "upstream_address",
+        "upstream_host",
+        "version",
+        "virtual_host",
+    )
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.method = b"GET"
+        self.version = "1.1"
+        self.keep_alive = True
+        self.length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.body: list[bytes] = []
+        self.body_bytes = 0  # bytes held in `body`
+        self.sent_index = 0  # body[:sent_index] went to the current upstream
+        self.replayable = True
+        self.request_done = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.error: tuple[int, str] | None = None
+        self.started = 0.0
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_host: HostState | None = None
+        self.upstream_address = ""
+        self.cluster: ClusterRuntime | None = None
+        self.cluster_name = ""
+        self.attempt_waiter: asyncio.Future[str] | None = None
+        self.response_status = 0
+        self.response_head: list[tuple[bytes, bytes]] = []
+        self.response_chunked = False  # the client gets chunked framing
+        self.response_body: list[bytes] = []
+        self.response_done = False
+        self.response_reset = False
+        self.virtual_host: VirtualHost | None = None
+        self.table_headers: tuple[HeaderToAdd, ...] = ()
+        self.committed = False
+        self.finished = False
+        self.status = 0
+        self.flags = "-"
+        self.route: Route | None = None
+        self.mirrored = False
+        self.request_id = ""
+        self.head_request = False
+        self.authority = ""
+        self.path = ""
+        self.manager: HttpManager | None = None
+        self.listener_name = ""
+        self.active_request = False
+        self.host: HostState | None = None
+
+    # request side, from the parser
+
+    def headers_complete(self, method: bytes, version: str, keep_alive: bool) -> None:
+        self.headers_done = True
+        self.method = method
+        self.head_request = method == b"HEAD"
+        self.version = version
+        self.keep_alive = keep_alive
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                self.length = int(value)
+            elif lower == b"transfer-encoding":
+                self.chunked = True
+            elif lower == b"expect" and value.lower() == b"100-continue":
+                self.expect_continue = True
+        if self.length is None and not self.chunked:
+            self.length = 0
+
+    def request_body(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(self._frame(data))
+            if self.replayable:
+                self.body.append(data)
+                self.body_bytes += len(data)
+                self.sent_index += 1
+                if self.body_bytes > self.conn.context.limits.buffer_bytes:
+                    self.replayable = False  # too big to resend: keep nothing
+                    self.body.clear()
+                    self.body_bytes = 0
+                    self.sent_index = 0
+            return
+        self._keep(data)
+        if self.body_bytes > self.conn.context.limits.buffer_bytes:
+            self.conn.set_read_paused("buffer", True)
+
+    def _keep(self, data: bytes) -> None:
+        self.body.append(data)
+        self.body_bytes += len(data)
+        if self.replayable and self.body_bytes > self.conn.context.limits.buffer_bytes:
+            # too big to resend: drop what was sent, keep only what still has to go
+            self.replayable = False
+            sent = self.sent_index
+            self.body_bytes -= sum(len(chunk) for chunk in self.body[:sent])
+            del self.body[:sent]
+            self.sent_index = 0
+
+    def _frame(self, data: bytes) -> bytes:
+        if self.chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return data
+
+    def request_end(self) -> None:
+        self.request_done = True
+        if self.upstream is not None and self.chunked:
+            self.upstream.write(b"0\r\n\r\n")
+        self._maybe_mirror()
+
+    def broken(self, status: int, reason: str) -> None:
+        """The parser refused this request's body: answer `status` if nothing went to the
+        client yet, else reset; the connection closes either way."""
+        self.keep_alive = False
+        if self.conn.queue and self.conn.queue[0] is self and self.task is not None:
+            self._drop_upstream()
+            if self.task is not None:
+                self.task.cancel()
+            self.local_reply(status, reason, flags="DPE")
+        else:
+            self.error = (status, reason)
+
+    def abort(self, reason: str) -> None:
+        """The client went away."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.task is not None:
+            self.task.cancel()
+        self._drop_upstream()
+        if self.timer is not None:
+            self.timer.cancel()
+        self._release_request()
+        if self.started:
+            self.status = self.status or 0
+            self.flags = "DC"
+            self._log()
+
+    # routing and forwarding
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        if self.error is not None:
+            status, reason = self.error
+            self.keep_alive = False
+            self.local_reply(status, reason, flags="DPE")
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self._forward()
+        except asyncio.CancelledError:
+            if self.timed_out and not self.finished:
+                self._drop_upstream()
+                self.local_reply(504, "upstream request timeout", flags="UT")
+        except Exception:
+            log.exception("proxying a request failed")
+            self._drop_upstream()
+            self.local_reply(500, "internal error")
+
+    def _authority_and_path(self) -> tuple[str, str]:
+        target = self.target
+        if target.startswith(b"/"):
+            authority = ""
+            path = target.decode("latin-1")
+        elif b"://" in target:  # absolute form: an explicit proxy request
+            rest = target.split(b"://", 1)[1]
+            host, slash, path_bytes = rest.partition(b"/")
+            authority = host.decode("latin-1")
+            path = "/" + path_bytes.decode("latin-1") if slash else "/"
+        else:
+            authority, path = "", target.decode("latin-1")
+        if not authority:
+            for name, value in self.headers:
+                if name.lower() == b"host":
+                    authority = value.decode("latin-1")
+                    break
+        return authority, path
+
+    def _routing_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for name, value in self.headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]},{text}" if key in headers else text
+        headers[":method"] = self.method.decode("latin-1")
+        headers[":authority"] = self.authority
+        headers[":path"] = self.path
+        headers[":scheme"] = "http"
+        return headers
+
+    async def _forward(self) -> None:
+        conn = self.conn
+        context = conn.context
+        self.authority, self.path = self._authority_and_path()
+        if self.method == b"CONNECT":
+            self.local_reply(405, "CONNECT is not supported by this proxy yet")
+            return
+        port = split_authority(self.authority)[1] if self.authority else 80
+        manager, self.listener_name = conn.manager(port)
+        self.manager = manager
+        if manager is None:
+            self.local_reply(404, f"no listener for port {port}", flags="NR")
+            return
+        if conn.stats is None:  # the 15001 listener: stats of the manager the request found
+            stats = context.stats.http_stats(manager.stat_prefix)
+            stats.cx_total += 1
+            stats.cx_active += 1
+            conn.stats = stats
+        headers = self._routing_headers()
+        for name, value in self.headers:
+            if name.lower() == b"x-request-id":
+                self.request_id = value.decode("latin-1")
+        if not self.request_id and manager.generate_request_id:
+            self.request_id = str(uuid.uuid4())
+        table = manager.routes
+        if table is None and manager.rds is not None:
+            table = context.snapshot.routes.get(manager.rds)
+        selected = table.select(self.authority, self.path, headers) if table else None
+        if selected is None or table is None:
+            self.local_reply(404, "", flags="NR")
+            return
+        self.virtual_host, route = selected
+        self.table_headers = table.headers_to_add
+        self.route = route
+        action = route.action
+        if isinstance(action, Redirect):
+            self._redirect(action)
+            return
+        if isinstance(action, DirectResponse):
+            self.local_reply(action.status, action.body)
+            return
+        fault = route.fault if manager.fault_filter else None
+        if fault is not None:
+            if fault.delay_ppm and random.randrange(1_000_000) < fault.delay_ppm:
+                self.flags = "DI"
+                await asyncio.sleep(fault.delay)
+            if fault.abort_ppm and random.randrange(1_000_000) < fault.abort_ppm:
+                self.local_reply(fault.abort_status, "fault filter abort", flags="FI")
+                return
+        if action.timeout:
+            self.timer = asyncio.get_running_loop().call_later(action.timeout, self._route_timeout)
+        self.cluster_name = action.pick_cluster(random.randrange(action.total_weight))
+        cluster = context.clusters.clusters.get(self.cluster_name)
+        if cluster is None:
+            self.local_reply(503, f"cluster {self.cluster_name} not found", flags="NC")
+            return
+        if cluster.config.http2:
+            self.local_reply(503, "HTTP/2 upstreams are not supported yet", flags="UPE")
+            return
+        self.cluster = cluster
+        if self.expect_continue and not self.request_done:
+            conn.write(CONTINUE)
+        self._maybe_mirror()
+        await self._attempts(cluster, action)
+
+    async def _attempts(self, cluster: ClusterRuntime, action: RouteAction) -> None:
+        retry = action.retry
+        retries_left = retry.num_retries if retry is not None else 0
+        per_try = retry.per_try_timeout if retry is not None else 0.0
+        breakers = cluster.config.breakers
+        original = self._original_destination()
+        head = self._request_head(action)
+        free_retry = True  # a reused keep-alive connection found dead is retried once, free
+        backoff = 0
+        while True:
+            host = cluster.pick(original)
+            if host is None:
+                self.local_reply(503, "no healthy upstream", flags="UH")
+                return
+            if not self.active_request:
+                if cluster.active_requests >= breakers.max_requests:
+                    cluster.stats.rq_overflow += 1
+                    self.local_reply(503, "upstream overflow", flags="UO", overloaded=True)
+                    return
+                cluster.active_requests += 1
+                cluster.stats.rq_active += 1
+                self.active_request = True
+            try:
+                upstream = await cluster.acquire(host)
+            except Overflow:
+                self.local_reply(503, "upstream overflow", flags="UO", overloaded=True)
+                return
+            except ConnectFailure as error:
+                cluster.record(host, 503)
+                outcome, reason = "connect-failure", str(error)
+            else:
+                reused = upstream.requests > 0
+                self._attach(upstream, host, head)
+                outcome = reason = await self._await_headers(per_try)
+                if outcome == "reset" and reused and free_retry and self.replayable:
+                    free_retry = False
+                    self._drop_upstream()
+                    continue
+                cluster.record(host, self.response_status if outcome == "headers" else 503)
+            can_retry = (
+                retries_left > 0
+                and self.replayable
+                and _retriable(retry, outcome, self.response_status)
+            )
+            if can_retry and cluster.active_retries >= breakers.max_retries:
+                cluster.stats.rq_retry_overflow += 1
+                can_retry = False
+            if not can_retry:
+                break
+            self._drop_upstream()
+            retries_left -= 1
+            backoff += 1
+            cluster.stats.rq_retry += 1
+            cluster.active_retries += 1
+            try:
+                await asyncio.sleep(random.uniform(0, 0.025 * (1 << min(backoff, 4))))
+            finally:
+                cluster.active_retries -= 1
+        if outcome == "headers":
+            self._commit()
+            return
+        self._drop_upstream()
+        if outcome == "timeout":
+            cluster.stats.rq_timeout += 1
+            self.local_reply(504, "upstream request timeout", flags="UT")
+        elif outcome == "connect-failure":
+            self.local_reply(
+                503,
+                f"upstream connect error or disconnect/reset before headers: {reason}",
+                flags="UF",
+            )
+        elif outcome == "protocol-error":
+            self.local_reply(502, "upstream protocol error", flags="UPE")
+        else:
+            self.local_reply(
+                503, "upstream connect error or disconnect/reset before headers", flags="UC"
+            )
+
+    def _original_destination(self) -> Address | None:
+        if self.conn.original_dst is not None:
+            return self.conn.original_dst
+        if not self.authority:
+            return None
+        host, port = split_authority(self.authority)
+        return self.conn.context.resolver.resolve(host), port
+
+    def _request_head(self, action: RouteAction) -> bytes:
+        route = self.route
+        assert route is not None
+        path = self.path
+        if action.prefix_rewrite is not None:
+            match = route.match
+            if match.path_kind.value == "prefix":
+                path = action.prefix_rewrite + path[len(match.path) :]
+            else:
+                query = path.partition("?")[2]
+                path = action.prefix_rewrite + ("?" + query if query else "")
+        authority = action.host_rewrite or self.authority
+        connection_tokens = {
+            token.strip().lower()
+            for name, value in self.headers
+            if name.lower() == b"connection"
+            for token in value.split(b",")
+        }
+        removed = {name.encode() for name in route.headers_to_remove}
+        lines = [
+            b"%b %b HTTP/1.1\r\nhost: %b\r\n"
+            % (self.method, path.encode("latin-1"), authority.encode("latin-1"))
+        ]
+        has_request_id = has_proto = False
+        forwarded_for = b""
+        for name, value in self.headers:
+            lower = name.lower()
+            if (
+                lower in HOP_BY_HOP
+                or lower in connection_tokens
+                or lower in removed
+                or lower in (b"host", b"content-length")
+            ):
+                continue
+            if lower == b"expect" and self.expect_continue:
+                continue
+            if lower == b"x-request-id":
+                has_request_id = True
+            elif lower == b"x-forwarded-proto":
+                has_proto = True
+            elif lower == b"x-forwarded-for" and self.manager and self.manager.use_remote_address:
+                forwarded_for = value + b", "
+                continue
+            lines.append(b"%b: %b\r\n" % (name, value))
+        if not has_request_id and self.request_id:
+            lines.append(b"x-request-id: %b\r\n" % self.request_id.encode())
+        if not has_proto:
+            lines.append(b"x-forwarded-proto: http\r\n")
+        if self.manager is not None and self.manager.use_remote_address and self.conn.peer:
+            lines.append(b"x-forwarded-for: %b%b\r\n" % (forwarded_for, self.conn.peer.encode()))
+        host_headers = self.virtual_host.headers_to_add if self.virtual_host else ()
+        lines += [
+            _header_line(added)
+            for added in (*route.headers_to_add, *host_headers, *self.table_headers)
+        ]
+        if self.chunked:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        elif self.length:
+            lines.append(b"content-length: %d\r\n" % self.length)
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _attach(self, upstream: UpstreamConnection, host: HostState, head: bytes) -> None:
+        self.upstream = upstream
+        self.upstream_host = host
+        self.upstream_address = f"{host.address[0]}:{host.address[1]}"
+        host.active += 1
+        self.response_status = 0
+        self.response_head = []
+        self.response_body = []
+        self.response_done = False
+        self.attempt_waiter = asyncio.get_running_loop().create_future()
+        parts = [head, *(self._frame(chunk) for chunk in self.body)]
+        if self.request_done and self.chunked:
+            parts.append(b"0\r\n\r\n")
+        upstream.attach(self, b"".join(parts), head_request=self.head_request)
+        if self.replayable:
+            self.sent_index = len(self.body)
+        else:
+            self.body.clear()
+            self.body_bytes = 0
+            self.sent_index = 0
+        self.conn.set_read_paused("buffer", False)
+
+    async def _await_headers(self, per_try: float) -> str:
+        waiter = self.attempt_waiter
+        assert waiter is not None
+        if not per_try:
+            return await waiter
+        try:
+            async with asyncio.timeout(per_try):
+                return await asyncio.shield(waiter)
+        except TimeoutError:
+            return "timeout"
+
+    def _drop_upstream(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if self.upstream_host is not None:
+            self.upstream_host.active -= 1
+            self.upstream_host = None
+        if upstream is not None:
+            upstream.detach()
+            upstream.close()
+            upstream.pause_reading(False)
+
+    def _route_timeout(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        if self.cluster is not None:
+            self.cluster.stats.rq_timeout += 1
+        if not self.committed:
+            if self.task is not None and not self.task.done():
+                self.task.cancel()
+            else:
+                self._drop_upstream()
+                self.local_reply(504, "upstream request timeout", flags="UT")
+        else:
+            self._drop_upstream()
+            self.flags = "UT"
+            self._complete(reset=True)
+
+    # UpstreamHandler: what the upstream connection reports
+
+    def on_response_headers(
+        self, status: int, headers: list[tuple[bytes, bytes]], length: int | None, chunked: bool
+    ) -> None:
+        self.response_status = status
+        self.response_head = headers
+        self.response_chunked = chunked or (length is None)
+        waiter = self.attempt_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result("headers")
+
+    def on_response_body(self, data: bytes) -> None:
+        if not self.committed:
+            self.response_body.append(data)
+            return
+        self.bytes_sent += len(data)
+        if self.response_chunked:
+            self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.conn.write(data)
+
+    def on_response_end(self) -> None:
+        self.response_done = True
+        if self.committed:
+            self._end_response()
+
+    def on_upstream_reset(self, reason: str) -> None:
+        waiter = self.attempt_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result("protocol-error" if "protocol" in reason else "reset")
+            return
+        if not self.committed:
+            self.response_reset = True  # after the headers, before they went to the client
+            return
+        if not self.finished:
+            # mid-body: the client cannot be told, so its connection is reset (Envoy's UR)
+            self.upstream = None
+            if self.upstream_host is not None:
+                self.upstream_host.active -= 1
+                self.upstream_host = None
+            self.flags = "UR"
+            self._complete(reset=True)
+
+    def on_upstream_write_paused(self, paused: bool) -> None:
+        self.conn.set_read_paused("upstream", paused)
+
+    def downstream_write_paused(self, paused: bool) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading(paused)
+
+    # the response to the client
+
+    def _commit(self) -> None:
+        """Write the upstream's response head to the client, then what body came with it."""
+        self.committed = True
+        self.status = self.response_status
+        no_body = self.head_request or self.status in (204, 304)
+        lines = [status_line(self.status)]
+        connection_tokens = {
+            token.strip().lower()
+            for name, value in self.response_head
+            if name.lower() == b"connection"
+            for token in value.split(b",")
+        }
+        for name, value in self.response_head:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in connection_tokens:
+                continue
+            lines.append(b"%b: %b\r\n" % (name, value))
+        if no_body:
+            self.response_chunked = False
+        elif self.response_chunked:
+            if self.version == "1.1":
+                lines.append(b"transfer-encoding: chunked\r\n")
+            else:
+                self.response_chunked = False
+                self.keep_alive = False  # HTTP/1.0 without a length: the close ends it
+        if not self.request_done:
+            self.keep_alive = False
+        if self.conn.draining or not self.keep_alive:
+            self.keep_alive = False
+            lines.append(b"connection: close\r\n")
+        elif self.version == "1.0":
+            lines.append(b"connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        self.conn.write(b"".join(lines))
+        if self.conn.write_paused and self.upstream is not None:
+            self.upstream.pause_reading(True)
+        body, self.response_body = self.response_body, []
+        for chunk in body:
+            self.on_response_body(chunk)
+        if self.response_done:
+            self._end_response()
+        elif self.response_reset:
+            self.flags = "UR"
+            self._complete(reset=True)
+
+    def _end_response(self) -> None:
+        if self.response_chunked:
+            self.conn.write(b"0\r\n\r\n")
+        upstream, self.upstream = self.upstream, None
+        if self.upstream_host is not None:
+            self.upstream_host.active -= 1
+            self.upstream_host = None
+        if upstream is not None and self.cluster is not None:
+            if self.request_done and self.sent_index == len(self.body):
+                self.cluster.release(upstream)
+            else:
+                upstream.close()
+        self._complete()
+
+    def _redirect(self, redirect: Redirect) -> None:
+        host = redirect.host or self.authority
+        if redirect.port:
+            host = f"{split_authority(host)[0]}:{redirect.port}"
+        path = self.path
+        if redirect.path:
+            path = redirect.path
+        elif redirect.prefix_rewrite and self.route is not None:
+            path = redirect.prefix_rewrite + path[len(self.route.match.path) :]
+        if redirect.strip_query:
+            path = path.partition("?")[0]
+        location = f"{redirect.scheme or 'http'}://{host}{path}"
+        self.local_reply(redirect.status, "", extra=((b"location", location.encode("latin-1")),))
+
+    def local_reply(
+        self,
+        status: int,
+        body: str,
+        *,
+        flags: str = "-",
+        overloaded: bool = False,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        if self.finished:
+            return
+        self.flags = flags
+        if self.committed:
+            self._complete(reset=True)
+            return
+        self.committed = True
+        self.status = status
+        payload = body.encode()
+        if not self.request_done:
+            self.keep_alive = False
+        lines = [status_line(status), b"content-length: %d\r\n" % len(payload)]
+        if payload:
+            lines.append(b"content-type: text/plain\r\n")
+        if overloaded:
+            lines.append(b"x-envoy-overloaded: true\r\n")
+        lines += [b"%b: %b\r\n" % header for header in extra]
+        if not self.keep_alive or self.conn.draining:
+            self.keep_alive = False
+            lines.append(b"connection: close\r\n")
+        elif self.version == "1.0":
+            lines.append(b"connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        if not self.head_request:
+            lines.append(payload)
+        self.bytes_sent += len(payload)
+        self.conn.write(b"".join(lines))
+        self._complete()
+
+    def _complete(self, *, reset: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._release_request()
+        elapsed_ms = (time.monotonic() - self.started) * 1000
+        conn = self.conn
+        if conn.stats is not None:
+            conn.stats.completed(self.status, elapsed_ms)
+        if self.cluster is not None and self.status:
+            self.cluster.stats.completed(self.status, elapsed_ms)
+        self._log()
+        if (
+            self.task is not None
+            and not self.task.done()
+            and asyncio.current_task() is not self.task
+        ):
+            self.task.cancel()
+        if reset:
+            self._drop_upstream()
+            conn.reset()
+            return
+        conn.exchange_done(self)
+
+    def _release_request(self) -> None:
+        if self.active_request and self.cluster is not None:
+            self.active_request = False
+            self.cluster.active_requests -= 1
+            self.cluster.stats.rq_active -= 1
+
+    def _log(self) -> None:
+        access_log = self.conn.context.access_log
+        if access_log is None:
+            return
+        access_log.write(
+            {
+                "start_time": time.time() - (time.monotonic() - self.started),
+                "method": self.method.decode("latin-1"),
+                "path": self.path,
+                "protocol": f"HTTP/{self.version}",
+                "response_code": self.status,
+                "response_flags": self.flags,
+                "bytes_received": self.bytes_received,
+                "bytes_sent": self.bytes_sent,
+                "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+                "upstream_cluster": self.cluster_name or None,
+                "upstream_host": self.upstream_address or None,
+                "authority": self.authority,
+                "request_id": self.request_id or None,
+                "listener": self.listener_name,
+                "downstream_remote_address": self.conn.peer,
+            }
+        )
+
+    # mirroring
+
+    def _maybe_mirror(self) -> None:
+        route = self.route
+        if (
+            self.mirrored
+            or route is None
+            or not isinstance(route.action, RouteAction)
+            or not route.action.mirrors
+            or not self.request_done
+            or not self.replayable
+        ):
+            return
+        self.mirrored = True
+        head = self._request_head(route.action)
+        authority = (route.action.host_rewrite or self.authority).encode("latin-1")
+        host, _, port = authority.partition(b":")
+        shadow = host + b"-shadow" + (b":" + port if port else b"")
+        head = head.replace(
+            b"\r\nhost: " + authority + b"\r\n", b"\r\nhost: " + shadow + b"\r\n", 1
+        )
+        body = b"".join(self._frame(chunk) for chunk in self.body)
+        if self.chunked:
+            body += b"0\r\n\r\n"
+        for name in route.action.mirrors:
+            cluster = self.conn.context.clusters.clusters.get(name)
+            if cluster is not None and not cluster.config.http2:
+                _spawn(Mirror(cluster).send(head + body, self.head_request))
+
+
+def _retriable(retry: RetryPolicy | None, outcome: str, status: int) -> bool:
+    if retry is None:
+        return False
+    if outcome == "headers":
+        return retry.retries_status(status)
+    if outcome == "connect-failure":
+        return retry.on_connect_failure or retry.on_5xx or retry.on_gateway_error
+    if outcome in ("reset", "protocol-error"):
+        return retry.on_reset or retry.on_5xx or retry.on_gateway_error
+    if outcome == "timeout":
+        return retry.on_5xx or retry.on_gateway_error
+    return False
+
+
+def _header_line(added: HeaderToAdd) -> bytes:
+    return b"%b: %b\r\n" % (added.name.encode("latin-1"), added.value.encode("latin-1"))
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coroutine: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+class Mirror:
+    """A fire-and-forget copy of a request (request_mirror_policies): the response is read
+    and dropped, failures are ignored."""
+
+    def __init__(self, cluster: ClusterRuntime) -> None:
+        self.cluster = cluster
+        self.upstream: UpstreamConnection | None = None
+        self.done = asyncio.get_running_loop().create_future()
+
+    async def send(self, request: bytes, head_request: bool) -> None:
+        host = self.cluster.pick()
+        if host is None:
+            return
+        try:
+            upstream = await self.cluster.acquire(host)
+        except (Overflow, ConnectFailure):
+            return
+        self.upstream = upstream
+        upstream.attach(self, request, head_request=head_request)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(60):
+                await self.done
+
+    def on_response_headers(
+        self, status: int, headers: list[tuple[bytes, bytes]], length: int | None, chunked: bool
+    ) -> None:
+        pass
+
+    def on_response_body(self, data: bytes) -> None:
+        pass
+
+    def on_response_end(self) -> None:
+        if self.upstream is not None:
+            self.cluster.release(self.upstream)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_upstream_reset(self, reason: str) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_upstream_write_paused(self, paused: bool) -> None:
+        pass

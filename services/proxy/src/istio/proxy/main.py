@@ -1,0 +1,165 @@
+"""pilot-agent: the proxy with its agent.
+
+    pilot-agent proxy sidecar|ingress|egress --discovery-address H:P [--node-id ID]
+                [--bind-address IP] [--admin-port 15000] [--stats-port 15090]
+                [--concurrency N] [--meta KEY=VALUE]... [--hosts-file FILE]
+                [--access-log PATH|off] [--log-level L]
+
+The node id is `<type>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` from --node-id,
+else from INSTANCE_IP (default: the bind address), POD_NAME and POD_NAMESPACE. Node metadata
+(INTERCEPTION_MODE, APP_PORTS, APP_HOST, GATEWAY_PORTS, ...) comes from --meta. Exit status 0
+after SIGINT/SIGTERM or POST /quitquitquit, 1 when startup fails, 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from istio.proxy.agent import Agent, Node
+from istio.proxy.context import AccessLog, Context, Limits
+from istio.proxy.listeners import ListenerManager
+from istio.proxy.upstream import Resolver
+
+PROG = "pilot-agent"
+PROXY_TYPES = ("sidecar", "ingress", "egress")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+WORKER_FLAG = "--worker"
+
+log = logging.getLogger(PROG)
+
+
+def host_port(text: str) -> str:
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def meta(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog=PROG, description="The mesh's proxy and its agent.")
+    commands = root.add_subparsers(dest="command", required=True)
+    proxy = commands.add_parser("proxy", help="run the proxy")
+    proxy.add_argument("type", choices=PROXY_TYPES)
+    proxy.add_argument("--discovery-address", type=host_port, required=True, help="Pilot's ADS")
+    proxy.add_argument("--node-id", help="the full node id (default: from the environment)")
+    proxy.add_argument("--bind-address", default="0.0.0.0", help="where listeners bind")
+    proxy.add_argument("--admin-port", type=int, default=15000)
+    proxy.add_argument("--stats-port", type=int, default=15090)
+    proxy.add_argument("--concurrency", type=int, default=1, help="worker processes")
+    proxy.add_argument("--meta", type=meta, action="append", default=[], help="node metadata")
+    proxy.add_argument("--domain", default="", help="default: <namespace>.svc.cluster.local")
+    proxy.add_argument("--hosts-file", default=os.environ.get("MESH_HOSTS_FILE"))
+    proxy.add_argument("--access-log", default="/dev/stdout", help="a path, - or off")
+    proxy.add_argument("--drain-seconds", type=float, default=5.0)
+    proxy.add_argument("--request-headers-timeout", type=float, default=10.0)
+    proxy.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    proxy.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
+    return root
+
+
+def node_id(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str:
+    """DESIGN §4: `<type>~<ip>~<pod>.<namespace>~<domain>`."""
+    if args.node_id:
+        return str(args.node_id)
+    env = os.environ if environ is None else environ
+    ip = env.get("INSTANCE_IP") or (
+        args.bind_address if args.bind_address not in ("0.0.0.0", "::") else _local_ip()
+    )
+    pod = env.get("POD_NAME") or socket.gethostname()
+    namespace = env.get("POD_NAMESPACE") or "default"
+    domain = args.domain or f"{namespace}.svc.cluster.local"
+    return f"{args.type}~{ip}~{pod}.{namespace}~{domain}"
+
+
+def _local_ip() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    worker = bool(args.worker)
+    reuse_port = args.concurrency > 1 or worker
+    context = Context(
+        limits=Limits(
+            header_timeout=args.request_headers_timeout, drain_timeout=args.drain_seconds
+        ),
+        resolver=Resolver.from_file(args.hosts_file),
+        access_log=AccessLog.open(args.access_log),
+    )
+    listeners = ListenerManager(context, args.bind_address, reuse_port=reuse_port)
+    node = Node(node_id(args), dict(args.meta))
+    agent = Agent(node, args.discovery_address, context, listeners)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, agent.stopped.set)
+    servers: list[asyncio.Server] = []
+    if not worker:
+        admin_host = args.bind_address
+        try:
+            servers = await agent.serve_admin(admin_host, args.admin_port, args.stats_port)
+        except OSError as error:
+            print(f"{PROG}: cannot serve admin on {admin_host}: {error.strerror}", file=sys.stderr)
+            return 1
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "istio.proxy", *argv, WORKER_FLAG
+        )
+        for _ in range(args.concurrency - 1 if not worker else 0)
+    ]
+    runner = loop.create_task(agent.run())
+    log.info("%s starting: node %s, Pilot at %s", PROG, node.id, args.discovery_address)
+    ready = loop.create_task(agent.ready.wait())
+    stopped = loop.create_task(agent.stopped.wait())
+    await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done():
+        log.info("proxy ready: %d listeners bound", len(listeners.bound))
+    await stopped
+    log.info("shutting down: draining listeners")
+    for server in servers:
+        server.close()
+    for process in workers:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+    await listeners.close()
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    for process in workers:
+        await process.wait()
+    if context.access_log is not None:
+        context.access_log.flush()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(arguments)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("grpc").setLevel(logging.WARNING)
+    try:
+        import uvloop
+    except ImportError:  # plain asyncio works, just slower
+        sys.exit(asyncio.run(run(args, [a for a in arguments if a != WORKER_FLAG])))
+    sys.exit(uvloop.run(run(args, [a for a in arguments if a != WORKER_FLAG])))

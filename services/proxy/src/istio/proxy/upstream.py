@@ -1,0 +1,491 @@
+"""Upstream clusters: HTTP/1.1 client connections, keep-alive pools, load balancing, circuit
+breakers and outlier detection.
+
+Theory of operation. A `ClusterRuntime` lives as long as its cluster is in the config; a new
+snapshot swaps its config and endpoint list in place (`update`), so pools, counters and
+ejections of hosts that stay survive an EDS push and their connections are never dropped.
+Each host keeps a stack of idle keep-alive connections. `acquire` takes an idle one, opens a
+new one while the cluster is under max_connections, or waits as a pending request (up to
+max_pending_requests; beyond it the caller answers 503 with x-envoy-overloaded). A released
+connection goes to a waiter for the same host, else back to the idle stack; it is closed when
+its host left the cluster. An `UpstreamConnection` parses responses with httptools and hands
+every event to the `UpstreamHandler` (the request being proxied) attached to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Protocol, cast
+
+import httptools
+
+from istio.proxy.config import Cluster, ClusterType, Endpoint, LbPolicy
+from istio.proxy.stats import ClusterStats, Stats
+
+Address = tuple[str, int]
+
+
+class Overflow(Exception):
+    """A circuit breaker tripped."""
+
+
+class ConnectFailure(Exception):
+    """The upstream could not be connected."""
+
+
+class UpstreamHandler(Protocol):
+    """What a request being proxied hears from its upstream connection."""
+
+    def on_response_headers(
+        self, status: int, headers: list[tuple[bytes, bytes]], length: int | None, chunked: bool
+    ) -> None: ...
+
+    def on_response_body(self, data: bytes) -> None: ...
+
+    def on_response_end(self) -> None: ...
+
+    def on_upstream_reset(self, reason: str) -> None: ...
+
+    def on_upstream_write_paused(self, paused: bool) -> None: ...
+
+
+class Resolver:
+    """Names to addresses: a hosts file first (the local platform's override), then DNS."""
+
+    def __init__(self, hosts: Mapping[str, str] | None = None) -> None:
+        self.hosts = dict(hosts or {})
+
+    @classmethod
+    def from_file(cls, path: str | None) -> Resolver:
+        hosts: dict[str, str] = {}
+        if path:
+            with open(path) as lines:
+                for line in lines:
+                    fields = line.split("#", 1)[0].split()
+                    for name in fields[1:]:
+                        hosts.setdefault(name.lower(), fields[0])
+        return cls(hosts)
+
+    def resolve(self, host: str) -> str:
+        return self.hosts.get(host.lower(), host)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_chunked",
+        "_headers",
+        "_length",
+        "_until_close",
+        "closed",
+        "cluster",
+        "counted",
+        "handler",
+        "head_request",
+        "host",
+        "parser",
+        "requests",
+        "response_started",
+        "skip",
+        "transport",
+    )
+
+    def __init__(self, cluster: ClusterRuntime, host: HostState) -> None:
+        self.cluster = cluster
+        self.host = host
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.handler: UpstreamHandler | None = None
+        self.requests = 0
+        self.closed = False
+        self.counted = False
+        self.head_request = False
+        self.response_started = False
+        self.skip = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._length: int | None = None
+        self._chunked = False
+        self._until_close = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed and self.handler is None:
+            return
+        self.closed = True
+        self.cluster.connection_closed(self)
+        handler, self.handler = self.handler, None
+        if handler is None:
+            return
+        if self._until_close and self.response_started:
+            handler.on_response_end()
+        else:
+            handler.on_upstream_reset("upstream connection closed")
+
+    def data_received(self, data: bytes) -> None:
+        if self.handler is None:
+            self.close()  # nothing was asked: a broken or hostile upstream
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            handler, self.handler = self.handler, None
+            self.close()
+            if handler is not None:
+                handler.on_upstream_reset(f"upstream protocol error: {error}")
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.on_upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.on_upstream_write_paused(False)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._length = None
+        self._chunked = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length":
+            self._length = int(value)
+        elif lower == b"transfer-encoding" and b"chunked" in value.lower():
+            self._chunked = True
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.skip = 100 <= status < 200 and status != 101
+        if self.skip or self.handler is None:
+            return  # an interim 100 Continue: this proxy answered the client's already
+        self.response_started = True
+        no_body = self.head_request or status in (204, 304)
+        self._until_close = not no_body and self._length is None and not self._chunked
+        self.handler.on_response_headers(status, self._headers, self._length, self._chunked)
+        if self.head_request and self.handler is not None:
+            # httptools cannot be told a response has no body: finish here, never reuse.
+            handler, self.handler = self.handler, None
+            self.close()
+            handler.on_response_end()
+
+    def on_body(self, body: bytes) -> None:
+        if self.handler is not None and not self.skip:
+            self.handler.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.skip:
+            self.skip = False
+            return
+        handler, self.handler = self.handler, None
+        if not self.parser.should_keep_alive():
+            self.close()
+        if handler is not None:
+            handler.on_response_end()
+
+    # used by the request being proxied
+
+    def attach(self, handler: UpstreamHandler, head: bytes, *, head_request: bool) -> None:
+        assert self.transport is not None
+        self.handler = handler
+        self.requests += 1
+        self.head_request = head_request
+        self.response_started = False
+        self._until_close = False
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is None or self.closed:
+            return
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def detach(self) -> None:
+        self.handler = None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+            self.cluster.connection_closed(self)
+
+
+class HostState:
+    """One upstream address: its idle connections and its outlier-detection state."""
+
+    __slots__ = (
+        "active",
+        "address",
+        "consecutive_5xx",
+        "ejected_until",
+        "ejections",
+        "idle",
+        "removed",
+    )
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.idle: list[UpstreamConnection] = []
+        self.active = 0
+        self.consecutive_5xx = 0
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.removed = False
+
+
+class ClusterRuntime:
+    def __init__(
+        self,
+        config: Cluster,
+        endpoints: tuple[Endpoint, ...],
+        stats: ClusterStats,
+        resolver: Resolver,
+    ) -> None:
+        self.config = config
+        self.stats = stats
+        self.resolver = resolver
+        self.hosts: dict[Address, HostState] = {}
+        self.order: list[HostState] = []
+        self.connections = 0
+        self.active_requests = 0
+        self.active_retries = 0
+        self.pending = 0
+        self.waiters: deque[tuple[HostState, asyncio.Future[UpstreamConnection | None]]] = deque()
+        self._next = 0
+        self._ssl: ssl.SSLContext | None = None
+        self.update(config, endpoints)
+
+    def update(self, config: Cluster, endpoints: tuple[Endpoint, ...]) -> None:
+        self.config = config
+        hosts: dict[Address, HostState] = {}
+        for endpoint in endpoints:
+            address = (endpoint.host, endpoint.port)
+            hosts[address] = self.hosts.get(address) or HostState(address)
+        for address, host in self.hosts.items():
+            if address not in hosts and config.type is not ClusterType.ORIGINAL_DST:
+                self._retire(host)
+        if config.type is not ClusterType.ORIGINAL_DST:
+            self.hosts = hosts
+        self.order = list(hosts.values())
+
+    def _retire(self, host: HostState) -> None:
+        host.removed = True
+        if host.ejected_until:
+            self.stats.ejections_active -= 1
+            host.ejected_until = 0.0
+        idle, host.idle = host.idle, []
+        for connection in idle:
+            connection.close()
+
+    def shutdown(self) -> None:
+        for host in self.hosts.values():
+            self._retire(host)
+        for _, waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectFailure("cluster removed"))
+
+    # load balancing and outlier detection
+
+    def pick(self, original: Address | None = None) -> HostState | None:
+        if self.config.type is ClusterType.ORIGINAL_DST:
+            if original is None:
+                return None
+            host = self.hosts.get(original)
+            if host is None:
+                host = self.hosts[original] = HostState(original)
+            return host
+        hosts = self.order
+        if not hosts:
+            return None
+        if self.config.outlier is not None and self.stats.ejections_active:
+            now = time.monotonic()
+            healthy = [h for h in hosts if not self._ejected(h, now)]
+            if len(healthy) * 2 >= len(hosts) and healthy:  # else Envoy's panic mode: all
+                hosts = healthy
+        if len(hosts) == 1:
+            return hosts[0]
+        policy = self.config.lb
+        if policy is LbPolicy.RANDOM:
+            return random.choice(hosts)
+        if policy is LbPolicy.LEAST_REQUEST:
+            first, second = random.sample(hosts, 2)
+            return first if first.active <= second.active else second
+        self._next = (self._next + 1) % len(hosts)
+        return hosts[self._next]
+
+    def _ejected(self, host: HostState, now: float) -> bool:
+        if not host.ejected_until:
+            return False
+        if now < host.ejected_until:
+            return True
+        host.ejected_until = 0.0
+        self.stats.ejections_active -= 1
+        return False
+
+    def record(self, host: HostState, status: int) -> None:
+        """Outlier detection: `status` is the response code, 503 for a connect failure."""
+        outlier = self.config.outlier
+        if outlier is None:
+            return
+        if status < 500:
+            host.consecutive_5xx = 0
+            return
+        host.consecutive_5xx += 1
+        if host.consecutive_5xx < outlier.consecutive_5xx or host.ejected_until:
+            return
+        allowed = max(1, len(self.order) * outlier.max_ejection_percent // 100)
+        if self.stats.ejections_active >= allowed:
+            return
+        host.ejections += 1
+        host.consecutive_5xx = 0
+        host.ejected_until = time.monotonic() + outlier.base_ejection_time * host.ejections
+        self.stats.ejections_active += 1
+        self.stats.ejections_total += 1
+
+    # connections
+
+    async def acquire(self, host: HostState) -> UpstreamConnection:
+        idle = host.idle
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
+                return connection
+        if self.connections >= self.config.breakers.max_connections:
+            if self.pending >= self.config.breakers.max_pending_requests:
+                self.stats.rq_pending_overflow += 1
+                raise Overflow("pending requests")
+            waiter: asyncio.Future[UpstreamConnection | None] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self.waiters.append((host, waiter))
+            self.pending += 1
+            self.stats.rq_pending_active += 1
+            try:
+                handed = await waiter
+            finally:
+                self.pending -= 1
+                self.stats.rq_pending_active -= 1
+                if not waiter.done() or waiter.cancelled():
+                    self.waiters = deque(w for w in self.waiters if w[1] is not waiter)
+            if handed is not None:
+                return handed
+        return await self._connect(host)
+
+    async def _connect(self, host: HostState) -> UpstreamConnection:
+        self.connections += 1
+        self.stats.cx_total += 1
+        self.stats.cx_active += 1
+        name, port = host.address
+        tls = None
+        server_hostname = None
+        if self.config.tls_sni is not None:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            tls = self._ssl
+            server_hostname = self.config.tls_sni or name
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout or None):
+                _, connection = await loop.create_connection(
+                    lambda: UpstreamConnection(self, host),
+                    self.resolver.resolve(name),
+                    port,
+                    ssl=tls,
+                    server_hostname=server_hostname,
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as error:
+            self.connections -= 1
+            self.stats.cx_active -= 1
+            self.stats.cx_connect_fail += 1
+            self._wake()
+            raise ConnectFailure(f"{name}:{port}: {error or type(error).__name__}") from None
+        return connection
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """A connection whose exchange completed cleanly: reuse it or close it."""
+        connection.detach()
+        limit = self.config.max_requests_per_connection
+        host = connection.host
+        if connection.closed or host.removed or (limit and connection.requests >= limit):
+            connection.close()
+            return
+        for index, (wanted, waiter) in enumerate(self.waiters):
+            if wanted is host and not waiter.done():
+                del self.waiters[index]
+                waiter.set_result(connection)
+                return
+        if self.waiters:
+            connection.close()  # frees a slot for a waiter of another host
+            return
+        host.idle.append(connection)
+
+    def connection_closed(self, connection: UpstreamConnection) -> None:
+        if connection.counted:
+            return
+        connection.counted = True
+        self.connections -= 1
+        self.stats.cx_active -= 1
+        host = connection.host
+        if connection in host.idle:
+            host.idle.remove(connection)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.waiters:
+            _, waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class ClusterManager:
+    """The live clusters, kept in step with each snapshot."""
+
+    def __init__(self, stats: Stats, resolver: Resolver) -> None:
+        self.stats = stats
+        self.resolver = resolver
+        self.clusters: dict[str, ClusterRuntime] = {}
+
+    def apply(
+        self, clusters: Mapping[str, Cluster], endpoints: Mapping[str, tuple[Endpoint, ...]]
+    ) -> None:
+        live = {}
+        for name, config in clusters.items():
+            members = (
+                endpoints.get(config.eds_name or name, ())
+                if config.type is ClusterType.EDS
+                else config.endpoints
+            )
+            runtime = self.clusters.get(name)
+            if runtime is None:
+                runtime = ClusterRuntime(
+                    config, members, self.stats.cluster_stats(name), self.resolver
+                )
+            else:
+                runtime.update(config, members)
+            live[name] = runtime
+        for name, runtime in self.clusters.items():
+            if name not in live:
+                runtime.shutdown()
+        self.clusters = live

@@ -1,0 +1,130 @@
+"""The proxy's xDS state: accepted resources per type, compiled, and the snapshots built from
+them. Pure bookkeeping (no I/O): the ADS client feeds it responses and sends what it says.
+
+A response is compiled whole: if any resource in it cannot be compiled, the response is
+rejected (NACK with the reason) and the last accepted resources of that type stay. An accepted
+response may change what the proxy must subscribe to: EDS names follow the EDS clusters of
+CDS, RDS names the route configurations the listeners of LDS name. A snapshot is `complete`
+once every route configuration and cluster load assignment it references has arrived, which is
+when the agent applies it (Envoy's warming), so no listener is served without its routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+
+from istio.proxy import compile
+from istio.proxy.config import ClusterType, HttpManager, Snapshot
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+WILDCARD_TYPES = (CLUSTER, LISTENER)
+
+_MESSAGES: dict[str, type[Message]] = {
+    CLUSTER: cluster_pb2.Cluster,
+    ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+    LISTENER: listener_pb2.Listener,
+    ROUTE: route_pb2.RouteConfiguration,
+}
+
+
+def _name(type_url: str, message: Any) -> str:
+    return str(message.cluster_name if type_url == ENDPOINT else message.name)
+
+
+_COMPILERS: dict[str, Callable[[Any], Any]] = {
+    CLUSTER: compile.cluster,
+    ENDPOINT: compile.load_assignment,
+    LISTENER: compile.listener,
+    ROUTE: compile.route_table,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TypeState:
+    version: str = ""
+    raw: Mapping[str, Message] = field(default_factory=lambda: MappingProxyType({}))
+    compiled: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class XdsState:
+    def __init__(self) -> None:
+        self.types: dict[str, TypeState] = {url: TypeState() for url in SHORT_NAMES}
+        self.received: set[str] = set()
+        self.nacks = 0
+        self.last_nack = ""
+
+    def accept(self, type_url: str, version: str, resources: Sequence[any_pb2.Any]) -> str | None:
+        """Compile a response; None when accepted, else the reason to NACK it with."""
+        message_type = _MESSAGES.get(type_url)
+        if message_type is None:
+            return f"unsupported resource type {type_url}"
+        raw: dict[str, Message] = {}
+        compiled: dict[str, Any] = {}
+        try:
+            for packed in resources:
+                if packed.type_url != type_url:
+                    return f"resource of type {packed.type_url} in a {type_url} response"
+                message = message_type()
+                packed.Unpack(message)
+                name = _name(type_url, message)
+                if name in raw:
+                    return f"duplicate {SHORT_NAMES[type_url]} resource {name!r}"
+                compiled[name] = _COMPILERS[type_url](message)
+                raw[name] = message
+        except compile.CompileError as error:
+            self.nacks += 1
+            self.last_nack = str(error)
+            return str(error)
+        except DecodeError as error:
+            self.nacks += 1
+            self.last_nack = f"undecodable {SHORT_NAMES[type_url]} resource: {error}"
+            return self.last_nack
+        self.types[type_url] = TypeState(version, MappingProxyType(raw), MappingProxyType(compiled))
+        self.received.add(type_url)
+        return None
+
+    def eds_names(self) -> frozenset[str]:
+        return frozenset(
+            cluster.eds_name or cluster.name
+            for cluster in self.types[CLUSTER].compiled.values()
+            if cluster.type is ClusterType.EDS
+        )
+
+    def rds_names(self) -> frozenset[str]:
+        return frozenset(
+            listener.chain.rds
+            for listener in self.types[LISTENER].compiled.values()
+            if isinstance(listener.chain, HttpManager) and listener.chain.rds
+        )
+
+    def snapshot(self) -> Snapshot:
+        eds = self.eds_names()
+        rds = self.rds_names()
+        return Snapshot(
+            listeners=self.types[LISTENER].compiled,
+            routes=MappingProxyType(
+                {k: v for k, v in self.types[ROUTE].compiled.items() if k in rds}
+            ),
+            clusters=self.types[CLUSTER].compiled,
+            endpoints=MappingProxyType(
+                {k: v for k, v in self.types[ENDPOINT].compiled.items() if k in eds}
+            ),
+            versions=MappingProxyType({SHORT_NAMES[u]: s.version for u, s in self.types.items()}),
+        )
+
+    def complete(self, snapshot: Snapshot) -> bool:
+        return CLUSTER in self.received and LISTENER in self.received and not snapshot.missing()
