@@ -1,4 +1,4 @@
-# The two commands a user needs: `make up` (later: the mesh with Bookinfo) and `make test`.
+# The two commands a user needs: `make up` (the mesh with Bookinfo on this machine) and `make test`.
 # Every target installs what it needs first, and each is safe to run again.
 
 SHELL := /bin/bash
@@ -13,22 +13,32 @@ UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 # Debian packages the tests run for real, as `command:package`.
 DEBIAN_PACKAGES := etcd:etcd-server iptables:iptables ip:iproute2 setpriv:util-linux curl:curl
 
-SRC_DIRS := $(wildcard libs/*/src services/*/src)
-TEST_DIRS := libs services samples tools
+SRC_DIRS := $(wildcard libs/*/src services/*/src) samples/bookinfo/app/src
+TEST_DIRS := libs services samples tools e2e
+# Where `make up` keeps its state (config store, registry, logs, hosts file, pids).
+MESH_DIR ?= .mesh
 
-.PHONY: help setup venv debian-packages test lint type gen-check build-check unit protos fmt clean
+.PHONY: help up down setup venv debian-packages test lint type gen-check build-check unit protos fmt clean
 
 help:
+	@echo "make up      the mesh with Bookinfo on http://127.0.0.1:8080/productpage (MESH_DIR=.mesh)"
+	@echo "make down    stop the mesh \`make up\` started (from another shell)"
 	@echo "make setup   install everything the mesh and its tests need (idempotent)"
-	@echo "make test    lint, types, generated-code check, BUILD deps check, every test"
+	@echo "make test    lint, types, generated-code check, BUILD deps check, every test and e2e"
 	@echo "make protos  regenerate libs/api from proto/"
 	@echo "make fmt     format the code"
 
 setup: debian-packages venv
 
+up: setup
+	$(PY) -m istio.platform.local up --mesh-dir $(MESH_DIR)
+
+down: venv
+	$(PY) -m istio.platform.local down --mesh-dir $(MESH_DIR)
+
 venv: $(VENV)/.synced
 
-$(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+$(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml samples/*/app/pyproject.toml)
 	@if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then \
 		echo "setup: installing uv"; \
 		python3 -m pip install --quiet uv || python3 -m pip install --quiet --break-system-packages uv; \
@@ -78,3 +88,10 @@ fmt: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
+
+# Benchmarks, not part of `make test`: Pilot with 1,000 services and 200 ADS clients on
+# loopback (tools/bench/pilot_bench.py; BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 20").
+# What is measured and the figures: docs/benchmarks.md.
+.PHONY: bench
+bench: venv
+	$(PY) tools/bench/pilot_bench.py $(BENCH_ARGS)

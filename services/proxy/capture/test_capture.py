@@ -10,13 +10,16 @@ namespaces, and they are removed after the run even when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import re
-import select
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,6 +182,20 @@ def _as(uid: int, gid: int | None = None) -> list[str]:
     ]
 
 
+def _follow(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
+    """Reads a peer's output in the background, line by line into `lines` ("" at the end),
+    so that the peer never blocks on a full pipe."""
+
+    def run() -> None:
+        assert proc.stdout is not None
+        with contextlib.suppress(ValueError, OSError):
+            for line in proc.stdout:
+                lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def _save_rules(text: str) -> str:
     """iptables-save output without its timestamps and packet counters."""
     lines = [ln for ln in text.splitlines() if not ln.startswith("#")]
@@ -188,10 +205,10 @@ def _save_rules(text: str) -> str:
 class Pods:
     """The two namespaces, their peers, and the means to capture and connect."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "cap") -> None:
         tag = os.getpid()
-        self.client = f"cap-client-{tag}"
-        self.server = f"cap-server-{tag}"
+        self.client = f"{prefix}-client-{tag}"
+        self.server = f"{prefix}-server-{tag}"
         self.procs: list[subprocess.Popen[str]] = []
         self.ip = _which("ip")
         self.iptables_save = _which("iptables-save")
@@ -199,7 +216,7 @@ class Pods:
         _which("iptables")
         self.python = _peer_python()
 
-    def setup(self) -> None:
+    def setup(self, *, stand_in: bool = True) -> None:
         for ns in (self.client, self.server):
             self._del_netns(ns)  # a leftover of a crashed run with the same pid
             _run(self.ip, "netns", "add", ns)
@@ -215,29 +232,46 @@ class Pods:
             _run(self.ip, *args, "link", "set", "lo", "up")
         _run(self.ip, *c, "link", "set", "veth-pod", "up")
         _run(self.ip, *s, "link", "set", "veth-srv", "up")
-        self._start(self.server, [], "server", "server", SERVER_PORT)
-        self._start(self.client, [], "server", "app", APP_PORT)
-        self._start(self.client, _as(PROXY_UID), "proxy", POD_IP, PROXY_PORT)
+        if stand_in:
+            self._start(self.server, [], "server", "server", SERVER_PORT)
+            self._start(self.client, [], "server", "app", APP_PORT)
+            self._start(self.client, _as(PROXY_UID), "proxy", POD_IP, PROXY_PORT)
 
     def _start(self, ns: str, prefix: list[str], *args: object) -> None:
         argv = [self.ip, "netns", "exec", ns, *prefix, self.python, "-I", "-c", PEER]
+        self.spawn([*argv, *map(str, args)], "ready", timeout=30)
+
+    def spawn(
+        self, argv: list[str], marker: str, *, env: dict[str, str] | None = None, timeout: float
+    ) -> subprocess.Popen[str]:
+        """Starts `argv` and waits for a line of its output containing `marker`."""
         proc = subprocess.Popen(
-            [*argv, *map(str, args)],
+            argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
             cwd="/",
-            env=_env(),
+            env=env or _env(),
         )
         self.procs.append(proc)
-        assert proc.stdout is not None
-        # Wait for the peer's "ready" line: an event, not a guess at how long it takes.
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        line = proc.stdout.readline() if ready else ""
-        if not line.startswith("ready"):
-            rest = proc.stdout.read() if proc.poll() is not None else ""
-            pytest.fail(f"peer {args} in {ns} did not start: {line}{rest}", pytrace=False)
+        lines: queue.Queue[str] = queue.Queue()
+        _follow(proc, lines)
+        # Wait for the marker: an event, not a guess at how long it takes.
+        seen = []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            seen.append(line)
+            if marker in line or not line:
+                break
+        if not seen or marker not in seen[-1]:
+            text = "".join(seen)
+            pytest.fail(f"{argv[:8]} did not print {marker!r}:\n{text}", pytrace=False)
+        return proc
 
     def cleanup(self) -> None:
         for proc in self.procs:
@@ -499,3 +533,139 @@ def test_help_lists_every_flag() -> None:
 def test_script_is_executable_and_strict() -> None:
     assert os.access(SCRIPT, os.X_OK)
     assert "set -euo pipefail" in SCRIPT.read_text()
+
+
+# The real thing: pilot-discovery and pilot-agent in the pod's namespace, the capture script,
+# and two versions of a service in the server namespace; a RouteRule picks the version.
+VIP = "10.231.8.10"  # reviews' service address: no interface has it, only capture reaches it
+SERVICE_PORT = 9080
+V1_PORT, V2_PORT = 8080, 8081
+PILOT_GRPC, PILOT_HTTP = 15010, 15014
+SERVICE_ENTRY = f"""
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  addresses: [{VIP}]
+  ports: [{{number: {SERVICE_PORT}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints:
+  - {{address: {SERVER_IP}, ports: {{http: {V1_PORT}}}, labels: {{app: reviews, version: v1}}}}
+  - {{address: {SERVER_IP}, ports: {{http: {V2_PORT}}}, labels: {{app: reviews, version: v2}}}}
+"""
+ROUTE_RULE = """
+apiVersion: config.istio.io/v1alpha2
+kind: RouteRule
+metadata: {name: reviews-v2}
+spec:
+  destination: {name: reviews}
+  precedence: 1
+  route:
+  - labels: {version: v2}
+"""
+
+
+def _python_path() -> str:
+    """The workspace's packages for an interpreter outside root's home: the venv's
+    site-packages and the source trees its .pth files name (uid 1337 cannot enter /root,
+    where the venv's own interpreter lives)."""
+    site = next(Path(sys.prefix, "lib").glob("python3*/site-packages")).resolve()
+    paths = [str(site)]
+    for pth in sorted(site.glob("istio_*.pth")):
+        paths.extend(line.strip() for line in pth.read_text().splitlines() if line.strip())
+    return os.pathsep.join(paths)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces and iptables rules")
+    tmp = tmp_path_factory.mktemp("capture-mesh")
+    (tmp / "registry").mkdir()
+    (tmp / "config").mkdir()
+    (tmp / "registry" / "reviews.yaml").write_text(SERVICE_ENTRY)
+    (tmp / "config" / "reviews-v2.yaml").write_text(ROUTE_RULE)
+    p = Pods("mesh")
+    try:
+        p.setup(stand_in=False)
+        # A route for the service range, as a pod's default route would give: connect()
+        # needs one before iptables' OUTPUT chain gets to redirect the connection.
+        _run(p.ip, "-n", p.client, "route", "add", "10.231.8.0/24", "dev", "veth-pod")
+        p._start(p.server, [], "server", "v1", V1_PORT)
+        p._start(p.server, [], "server", "v2", V2_PORT)
+        p.capture("-p", str(PROXY_PORT), "-u", str(PROXY_UID))
+        bin_dir = Path(sys.executable).parent
+        netns = [p.ip, "netns", "exec", p.client]
+        p.spawn(
+            [
+                *netns,
+                str(bin_dir / "pilot-discovery"),
+                "--registry",
+                f"file:{tmp / 'registry'}",
+                "--config-store",
+                f"file://{tmp / 'config'}",
+                "--grpc-addr",
+                f"127.0.0.1:{PILOT_GRPC}",
+                "--http-addr",
+                f"127.0.0.1:{PILOT_HTTP}",
+            ],
+            "serving xDS",
+            timeout=60,
+        )
+        env = {**_env(), "PYTHONPATH": _python_path(), "INSTANCE_IP": POD_IP, "POD_NAME": "app"}
+        p.spawn(
+            [
+                *netns,
+                *_as(PROXY_UID),
+                p.python,
+                "-m",
+                "istio.proxy",
+                "proxy",
+                "sidecar",
+                "--discovery-address",
+                f"127.0.0.1:{PILOT_GRPC}",
+                "--access-log",
+                "-",
+            ],
+            "proxy ready",
+            env=env,
+            timeout=60,
+        )
+        yield p
+    finally:
+        p.cleanup()
+
+
+def _curl(pods: Pods, url: str, *, uid: int = APP_UID) -> subprocess.CompletedProcess[str]:
+    return _run(
+        pods.ip,
+        "netns",
+        "exec",
+        pods.client,
+        *_as(uid),
+        pods.curl,
+        "-sS",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "10",
+        url,
+        check=False,
+    )
+
+
+@needs_root
+def test_real_sidecar_routes_a_captured_connection_by_route_rule(mesh: Pods) -> None:
+    # The app is unmodified: plain curl to the service address, as an ordinary user. Only
+    # capture can make that work (no interface has the VIP); the sidecar found the listener
+    # by SO_ORIGINAL_DST and the RouteRule sent every request to v2.
+    for _ in range(5):
+        proc = _curl(mesh, f"http://{VIP}:{SERVICE_PORT}/reviews/1")
+        assert proc.returncode == 0, proc.stderr
+        body = json.loads(proc.stdout)
+        assert body == {"via": "v2", "local": f"{SERVER_IP}:{V2_PORT}", "peer": POD_IP}
+    # The sidecar's own uid is not captured: the same URL goes nowhere without it.
+    proc = _curl(mesh, f"http://{VIP}:{SERVICE_PORT}/", uid=PROXY_UID)
+    assert proc.returncode != 0, proc.stdout

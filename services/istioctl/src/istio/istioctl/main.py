@@ -10,10 +10,11 @@ import argparse
 import asyncio
 import json
 import sys
+import urllib.request
 from collections.abc import Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from istio.config import (
     DEFAULT_REGISTRY,
@@ -26,6 +27,10 @@ from istio.config import (
 from istio.config.parse import dump_yaml
 from istio.config.schema import dashed_name
 from istio.configstore import STORE_ENV, ConfigStore, default_store_url, open_store
+
+DEFAULT_PILOT_ADDRESS = "127.0.0.1:15014"
+PROXY_ADMIN_PORT = 15000
+XDS_TYPES = ("cds", "lds", "eds", "rds")
 
 
 class UserError(Exception):
@@ -185,6 +190,77 @@ async def run_get(options: argparse.Namespace, out: TextIO) -> None:
             )
 
 
+def run_proxy_status(options: argparse.Namespace, out: TextIO) -> None:
+    statuses = proxy_status(options.pilot_address)
+    if options.output == "json":
+        out.write(json.dumps(statuses, indent=2) + "\n")
+        return
+    if not statuses:
+        print(f"No proxies connected to Pilot at {options.pilot_address}.", file=sys.stderr)
+        return
+    rows = [("NAME", *(t.upper() for t in XDS_TYPES))]
+    rows += [(s["node"], *(s["types"][t]["state"] for t in XDS_TYPES)) for s in statuses]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("   ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+def proxy_status(pilot_address: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Pilot's /debug/syncz per proxy: node id, sent and acked version per type and its state,
+    with the proxy's listener addresses from its admin /config_dump when it answers."""
+    syncz = _get_json(f"http://{pilot_address}/debug/syncz", timeout)
+    adsz = {s["stream"]: s for s in _get_json(f"http://{pilot_address}/debug/adsz", timeout)}
+    statuses = []
+    for stream in syncz:
+        types = {}
+        for name in XDS_TYPES:
+            state = stream["types"].get(name) or {}
+            sent, acked = state.get("sent_version") or "", state.get("acked_version") or ""
+            nack = state.get("last_nack")
+            types[name] = {
+                "state": "NOT SENT" if not sent else "SYNCED" if acked == sent else "STALE",
+                "sent": sent,
+                "acked": acked,
+                "nack": nack["reason"] if nack else None,
+            }
+        ip = adsz.get(stream["stream"], {}).get("ip")
+        statuses.append(
+            {
+                "node": stream["node"],
+                "types": types,
+                "listeners": _listener_addresses(ip, timeout) if ip else None,
+            }
+        )
+    return statuses
+
+
+def _listener_addresses(ip: str, timeout: float) -> list[str] | None:
+    """`name address:port` per listener the proxy at `ip` holds, from its admin port."""
+    try:
+        dump = _get_json(f"http://{ip}:{PROXY_ADMIN_PORT}/config_dump", min(timeout, 1.0))
+    except UserError:
+        return None
+    found = []
+    for config in dump.get("configs", []):
+        for entry in config.get("dynamic_listeners", []):
+            listener = (entry.get("active_state") or {}).get("listener") or {}
+            address = listener.get("address") or {}
+            socket = address.get("socketAddress") or address.get("socket_address") or {}
+            port = socket.get("portValue", socket.get("port_value", "?"))
+            where = f"{socket.get('address', '?')}:{port}"
+            found.append(f"{entry.get('name', '?')} {where}")
+    return found
+
+
+def _get_json(url: str, timeout: float) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise UserError([f"cannot read {url}: {reason}"]) from error
+
+
 def run_validate(options: argparse.Namespace, out: TextIO) -> None:
     configs = read_configs(options.files, options.namespace)
     for config in configs:
@@ -256,6 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="YAML/JSON file, directory, or - for stdin; repeatable",
     )
+    status = commands.add_parser(
+        "proxy-status",
+        help="every proxy's xDS sync state, from Pilot's /debug/syncz",
+        description="Every connected proxy and whether it acked what Pilot last sent it, per "
+        "type: SYNCED (acked == sent), STALE (sent, not acked yet, or NACKed) or NOT SENT.",
+    )
+    status.add_argument(
+        "--pilot-address",
+        default=DEFAULT_PILOT_ADDRESS,
+        metavar="H:P",
+        help=f"Pilot's --http-addr (default {DEFAULT_PILOT_ADDRESS})",
+    )
+    status.add_argument("-o", "--output", choices=("short", "json"), default="short")
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -272,6 +361,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             asyncio.run(run_get(options, out))
         elif options.command == "validate":
             run_validate(options, out)
+        elif options.command == "proxy-status":
+            run_proxy_status(options, out)
         else:
             print(f"istioctl {version('istio-istioctl')}", file=out)
     except (UserError, ConfigError) as error:

@@ -4,19 +4,21 @@ Theory of operation. `istio.proxy.compile` turns Envoy protos into these records
 update; the data path only ever reads them. A `Snapshot` holds one consistent set of
 listeners, route tables, clusters and endpoints; the agent swaps the whole snapshot at once, so
 a request sees either the old config or the new one, never a mix. Everything here is pure
-(no I/O, no asyncio): routing is a function of (route table, request facts, a random draw).
+(no I/O, no asyncio): routing is a function of (route table, request facts, a draw).
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 DEFAULT_ROUTE_TIMEOUT = 15.0
+_GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 
 
 class MatchKind(enum.Enum):
@@ -155,6 +157,13 @@ class RouteAction:
     host_rewrite: str = ""
     mirrors: tuple[str, ...] = ()
     websocket: bool = False
+    _draws: Iterator[int] = field(default_factory=itertools.count, compare=False, repr=False)
+
+    def next_draw(self) -> int:
+        """The next draw in [0, total_weight): a Weyl sequence on the golden ratio, so any
+        run of requests splits by the weights to within a request or two. Random draws, as
+        Envoy's, wander: a 50/50 split lands outside 40..60 in one run of 100 in twenty."""
+        return int(((next(self._draws) * _GOLDEN_RATIO_CONJUGATE) % 1.0) * self.total_weight)
 
     def pick_cluster(self, draw: int) -> str:
         """The cluster for a draw in [0, total_weight) (weighted clusters as Envoy's)."""

@@ -662,7 +662,7 @@ class Exchange:
                 return
         if action.timeout:
             self.timer = asyncio.get_running_loop().call_later(action.timeout, self._route_timeout)
-        self.cluster_name = action.pick_cluster(random.randrange(action.total_weight))
+        self.cluster_name = action.pick_cluster(action.next_draw())
         cluster = context.clusters.clusters.get(self.cluster_name)
         if cluster is None:
             self.local_reply(503, f"cluster {self.cluster_name} not found", flags="NC")

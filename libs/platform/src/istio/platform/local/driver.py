@@ -1,0 +1,193 @@
+"""The e2e driver for the local platform: `python -m istio.platform.local up` as a child process,
+exactly what `make up` runs, on its own /24 of 127/8 so it never meets a mesh a user runs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from istio.platform.driver import (
+    Response,
+    SyncState,
+    http,
+    sync_state,
+    wait_for_propagation,
+)
+from istio.platform.local.layout import ADMIN_PORT, BOOKINFO, OUTBOUND_PORT, Layout
+from istio.platform.local.mesh import read_state
+
+BIN = Path(sys.executable).parent
+READY_MARKER = "The mesh is ready"
+START_TIMEOUT = 90.0
+PROXIES = len(BOOKINFO) + 1  # every sidecar and the ingress gateway
+
+
+class LocalDriver:
+    name = "local"
+
+    def __init__(
+        self,
+        mesh_dir: Path,
+        *,
+        network: str = "127.0.1",
+        hosts: Mapping[str, str] | None = None,
+    ) -> None:
+        self.layout = Layout(mesh_dir, network, extra_hosts=dict(hosts or {}))
+        self.propagation: list[float] = []
+        self._applied: list[Path] = []
+        self._process: subprocess.Popen[str] | None = None
+        self._lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def ingress_url(self) -> str:
+        return self.layout.ingress_url
+
+    @property
+    def pilot_address(self) -> str:
+        return self.layout.pilot_http
+
+    def command(self, verb: str) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "istio.platform.local",
+            verb,
+            "--mesh-dir",
+            str(self.layout.mesh_dir),
+            "--network",
+            self.layout.network,
+        ]
+        for name, address in sorted(self.layout.extra_hosts.items()):
+            argv += ["--host", f"{name}={address}"]
+        return argv
+
+    def deploy_bookinfo(self) -> None:
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+        self._process = subprocess.Popen(
+            [*prefix, *self.command("up")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.teardown()
+                raise AssertionError(
+                    f"mesh not ready in {START_TIMEOUT:.0f} s:\n{self.output()}"
+                ) from None
+            if line is None:
+                raise AssertionError(f"make up exited while starting:\n{self.output()}")
+            if line.startswith(READY_MARKER):
+                return
+
+    def _read(self) -> None:
+        assert self._process is not None
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            self._lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def output(self) -> str:
+        return "".join(self._lines)
+
+    def wait_for_output(self, text: str, timeout: float = 15.0) -> str:
+        """The first reported line containing `text` (the platform's own report, not config)."""
+        deadline = time.monotonic() + timeout
+        for line in list(self._lines):
+            if text in line:
+                return line
+        while time.monotonic() < deadline:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                break
+            if text in item:
+                return item
+        raise AssertionError(f"no {text!r} reported in {timeout:.0f} s:\n{self.output()}")
+
+    def istioctl(self, *args: str) -> str:
+        env = dict(os.environ, ISTIO_CONFIG_STORE=self.layout.config_store_url)
+        done = subprocess.run(
+            [str(BIN / "istioctl"), *args], capture_output=True, text=True, env=env, check=False
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"istioctl {' '.join(args)}: {done.stderr or done.stdout}")
+        return done.stdout
+
+    def _change(self, verb: str, path: Path) -> float:
+        before: SyncState = sync_state(self.pilot_address)
+        self.istioctl(verb, "-f", str(path))
+        seconds = wait_for_propagation(self.pilot_address, before, proxies=PROXIES)
+        self.propagation.append(seconds)
+        return seconds
+
+    def apply(self, path: Path) -> float:
+        seconds = self._change("create", path)
+        self._applied.append(path)
+        return seconds
+
+    def delete(self, path: Path) -> float:
+        seconds = self._change("delete", path)
+        self._applied.remove(path)
+        return seconds
+
+    def reset(self) -> None:
+        for path in reversed(list(self._applied)):
+            self.delete(path)
+
+    def request_from(self, workload: str, url: str, timeout: float = 10.0) -> Response:
+        for w in self.layout.workloads:
+            if w.name == workload:
+                return http(url, proxy=f"http://{w.ip}:{OUTBOUND_PORT}", timeout=timeout)
+        raise KeyError(workload)
+
+    def admin(self, workload: str, path: str) -> Response:
+        for w in self.layout.workloads:
+            if w.name == workload:
+                return http(f"http://{w.ip}:{ADMIN_PORT}{path}")
+        raise KeyError(workload)
+
+    def kill_workload(self, workload: str) -> None:
+        state = read_state(self.layout.pid_file) or {}
+        pid = state.get("children", {}).get(workload)
+        if not isinstance(pid, int):
+            raise AssertionError(f"no running {workload} in {self.layout.pid_file}: {state}")
+        os.kill(pid, signal.SIGKILL)
+
+    def teardown(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if self._reader is not None:
+            self._reader.join(10)
+        with contextlib.suppress(OSError):
+            if process.stdout is not None:
+                process.stdout.close()
