@@ -7,6 +7,8 @@ The last test kills a workload, so it stays last in this module.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +33,12 @@ RATINGS_ABORT = SAMPLES / "route-rule-ratings-test-abort.yaml"
 REVIEWS_50_V3 = SAMPLES / "route-rule-reviews-50-v3.yaml"
 EGRESS_ALLOWED = RULES / "egress-allowed.yaml"
 RATINGS_ERROR = "Ratings service is currently unavailable"
+GOLDEN = Path(__file__).resolve().parent / "golden"
+# What legitimately differs between two fetches of the same page: request ids, timings.
+_VARIES = (
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<request-id>"),
+    (re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s)\b"), "<duration>"),
+)
 
 
 def versions(mesh: PlatformDriver, count: int, cookie: str | None = None) -> Counter[str]:
@@ -86,6 +94,40 @@ def test_version_routing_by_user_cookie(mesh: PlatformDriver) -> None:
     assert versions(mesh, 20, jason) == Counter({"v2": 20})
     assert versions(mesh, 20) == Counter({"v1": 20})
     assert versions(mesh, 20, login(mesh.ingress_url, "alice")) == Counter({"v1": 20})
+
+
+def normalise(page: str) -> str:
+    for pattern, replacement in _VARIES:
+        page = pattern.sub(replacement, page)
+    return page.replace("\r\n", "\n")
+
+
+def assert_matches_golden(page: str, name: str) -> None:
+    """`page`, normalised, equals e2e/golden/NAME; UPDATE_GOLDEN=1 rewrites the file instead."""
+    path = GOLDEN / name
+    text = normalise(page)
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1 to write it"
+    golden = path.read_text(encoding="utf-8")
+    assert text == golden, f"{name} differs from the golden file (UPDATE_GOLDEN=1 rewrites it)"
+
+
+def test_version_routing_pages_match_golden_files(mesh: PlatformDriver) -> None:
+    mesh.apply(ALL_V1)
+    mesh.apply(JASON_V2)
+    jason = login(mesh.ingress_url, "jason")
+    for name, version, headers in (
+        ("productpage-jason-v2.html", "v2", {"Cookie": jason}),
+        ("productpage-anonymous-v1.html", "v1", {}),
+    ):
+        first = http(f"{mesh.ingress_url}/productpage", headers=headers)
+        second = http(f"{mesh.ingress_url}/productpage", headers=headers)
+        assert first.status == second.status == 200, (first.status, second.status)
+        assert reviews_version(first.body) == version, name
+        assert normalise(first.body) == normalise(second.body)  # deterministic, run to run
+        assert_matches_golden(first.body, name)
 
 
 def test_fault_delay_for_jason_shows_reviews_unavailable_in_time(mesh: PlatformDriver) -> None:

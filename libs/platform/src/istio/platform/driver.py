@@ -46,6 +46,17 @@ class PlatformDriver(Protocol):
         """Pilot, the ingress gateway and every Bookinfo workload with its sidecar, serving."""
         ...
 
+    def deploy_app(self, name: str, version: str = "v1") -> str:
+        """The platform's test app (`istio.platform.echo`, an echo server) as service `name`
+        (`http://NAME:9080` in the mesh) with its own sidecar, once it serves and every proxy
+        (its own included) acked config that has it; the URL a test reaches it at from outside
+        the mesh (its sidecar's inbound listener)."""
+        ...
+
+    def remove_app(self, name: str) -> None:
+        """Undo `deploy_app`: out of the registry (every proxy acked it), then stopped."""
+        ...
+
     def istioctl(self, *args: str) -> str:
         """Run istioctl against this platform's config store; its stdout, raising on failure."""
         ...

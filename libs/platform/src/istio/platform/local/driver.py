@@ -13,7 +13,11 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+
+import yaml
 
 from istio.platform.driver import (
     Response,
@@ -22,13 +26,32 @@ from istio.platform.driver import (
     sync_state,
     wait_for_propagation,
 )
-from istio.platform.local.layout import ADMIN_PORT, BOOKINFO, OUTBOUND_PORT, Layout
-from istio.platform.local.mesh import read_state
+from istio.platform.local import ports
+from istio.platform.local.layout import (
+    ADMIN_PORT,
+    BOOKINFO,
+    OUTBOUND_PORT,
+    STATS_PORT,
+    Layout,
+    Workload,
+    service_entry,
+    write_atomically,
+)
+from istio.platform.local.mesh import app_env, read_state, sidecar_argv
 
 BIN = Path(sys.executable).parent
 READY_MARKER = "The mesh is ready"
 START_TIMEOUT = 90.0
 PROXIES = len(BOOKINFO) + 1  # every sidecar and the ingress gateway
+TEST_APP_FIRST_HOST = 100  # test apps take NETWORK.100 upwards
+APP_START_TIMEOUT = 30.0
+
+
+@dataclass
+class _TestApp:
+    workload: Workload
+    processes: list[subprocess.Popen[bytes]]
+    logs: list[IO[bytes]]
 
 
 class LocalDriver:
@@ -48,6 +71,7 @@ class LocalDriver:
         self._lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader: threading.Thread | None = None
+        self._apps: dict[str, _TestApp] = {}
 
     @property
     def ingress_url(self) -> str:
@@ -135,10 +159,15 @@ class LocalDriver:
             raise AssertionError(f"istioctl {' '.join(args)}: {done.stderr or done.stdout}")
         return done.stdout
 
+    @property
+    def proxies(self) -> int:
+        """How many proxies this mesh runs: Bookinfo's sidecars, the gateway, the test apps'."""
+        return PROXIES + len(self._apps)
+
     def _change(self, verb: str, path: Path) -> float:
         before: SyncState = sync_state(self.pilot_address)
         self.istioctl(verb, "-f", str(path))
-        seconds = wait_for_propagation(self.pilot_address, before, proxies=PROXIES)
+        seconds = wait_for_propagation(self.pilot_address, before, proxies=self.proxies)
         self.propagation.append(seconds)
         return seconds
 
@@ -175,7 +204,114 @@ class LocalDriver:
             raise AssertionError(f"no running {workload} in {self.layout.pid_file}: {state}")
         os.kill(pid, signal.SIGKILL)
 
+    # Test apps: started by the driver itself next to the mesh `up` runs, as a user adding a
+    # workload would (its ServiceEntry file in registry/, its sidecar and app as processes).
+
+    def _app_registry_file(self, name: str) -> Path:
+        return self.layout.registry_dir / f"e2e-app-{name}.yaml"
+
+    def deploy_app(self, name: str, version: str = "v1") -> str:
+        if name in self._apps or name in {app for app, _ in BOOKINFO}:
+            raise ValueError(f"service {name!r} is already deployed")
+        host = TEST_APP_FIRST_HOST + len(self._apps)
+        w = Workload(name, version, f"{self.layout.network}.{host}")
+        wanted = [
+            (w.ip, w.app_port, f"{w.name} app"),
+            (w.ip, w.service_port, f"{w.name} sidecar inbound"),
+            (w.ip, OUTBOUND_PORT, f"{w.name} sidecar outbound"),
+            (w.ip, ADMIN_PORT, f"{w.name} sidecar admin"),
+            (w.ip, STATS_PORT, f"{w.name} sidecar stats"),
+        ]
+        busy = ports.check(wanted)
+        if busy:
+            raise AssertionError("cannot deploy " + "; ".join(str(b) for b in busy))
+        # Into the registry first, so every proxy has the service before the new ones connect.
+        before = sync_state(self.pilot_address)
+        header = "# Written by the e2e driver: a test app (istio.platform.echo).\n"
+        write_atomically(
+            self._app_registry_file(name),
+            header + yaml.safe_dump(service_entry(name, [w]), sort_keys=False),
+        )
+        wait_for_propagation(self.pilot_address, before, proxies=self.proxies)
+        app = _TestApp(w, [], [])
+        self._apps[name] = app
+        app_argv = [
+            sys.executable,
+            "-m",
+            "istio.platform.echo",
+            "--name",
+            name,
+            "--version",
+            version,
+            "--host",
+            w.ip,
+            "--port",
+            str(w.app_port),
+        ]
+        before = sync_state(self.pilot_address)
+        self._spawn(app, w.name, app_argv, app_env(w))
+        self._spawn(app, f"{w.name}-sidecar", sidecar_argv(self.layout, w), {})
+        deadline = time.monotonic() + APP_START_TIMEOUT
+        for url in (f"http://{w.ip}:{w.app_port}/health", f"http://{w.ip}:{ADMIN_PORT}/ready"):
+            while (answer := http(url, timeout=2.0)).status != 200:
+                dead = [p.args for p in app.processes if p.poll() is not None]
+                if dead or time.monotonic() > deadline:
+                    self.remove_app(name)
+                    raise AssertionError(
+                        f"{w.name} not serving at {url} ({answer.status} {answer.body[:200]}); "
+                        f"exited: {dead}; logs in {self.layout.logs_dir}"
+                    )
+                time.sleep(0.05)  # a process we just started; nothing to wait on but its port
+        wait_for_propagation(self.pilot_address, before, proxies=self.proxies)
+        return f"http://{w.ip}:{w.service_port}"
+
+    def _spawn(self, app: _TestApp, name: str, argv: list[str], env: dict[str, str]) -> None:
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+        log = (self.layout.logs_dir / f"{name}.log").open("ab")
+        app.logs.append(log)
+        app.processes.append(
+            subprocess.Popen(
+                [*prefix, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, **env),
+                start_new_session=True,
+            )
+        )
+
+    def remove_app(self, name: str) -> None:
+        app = self._apps.get(name)
+        if app is None:
+            raise KeyError(name)
+        path = self._app_registry_file(name)
+        if path.exists() and self._process is not None and self._process.poll() is None:
+            before = sync_state(self.pilot_address)
+            path.unlink()
+            wait_for_propagation(self.pilot_address, before, proxies=self.proxies)
+        path.unlink(missing_ok=True)
+        self._stop_app(app)
+        del self._apps[name]
+
+    @staticmethod
+    def _stop_app(app: _TestApp) -> None:
+        for process in app.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in app.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for log in app.logs:
+            log.close()
+
     def teardown(self) -> None:
+        for app in self._apps.values():
+            self._stop_app(app)
+        self._apps.clear()
         process = self._process
         if process is None:
             return

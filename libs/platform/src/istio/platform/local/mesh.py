@@ -167,15 +167,8 @@ class LocalMesh:
             logs / "pilot.log",
         )
         children = [pilot]
-        app_env = {
-            "HTTP_PROXY": "",
-            "http_proxy": "",
-            "NO_PROXY": "",
-            "no_proxy": "",
-            "PYTHONUNBUFFERED": "1",
-        }
         for w in layout.workloads:
-            env = dict(app_env, HTTP_PROXY=w.proxy_url, http_proxy=w.proxy_url)
+            env = app_env(w)
             children.append(
                 Child(
                     w.name,
@@ -201,18 +194,7 @@ class LocalMesh:
                 Child(
                     f"{w.name}-sidecar",
                     "sidecar",
-                    self._agent(
-                        "sidecar",
-                        w.ip,
-                        w.node_id,
-                        f"{w.name}-sidecar",
-                        "--meta",
-                        "INTERCEPTION_MODE=NONE",
-                        "--meta",
-                        f"APP_PORTS={w.service_port}:{w.app_port}",
-                        "--meta",
-                        f"APP_HOST={w.ip}",
-                    ),
+                    sidecar_argv(layout, w),
                     logs / f"{w.name}-sidecar.log",
                     w,
                 )
@@ -228,28 +210,7 @@ class LocalMesh:
         return children
 
     def _agent(self, kind: str, ip: str, node_id: str, name: str, *extra: str) -> list[str]:
-        return [
-            str(BIN / "pilot-agent"),
-            "proxy",
-            kind,
-            "--discovery-address",
-            self.layout.pilot_grpc,
-            "--bind-address",
-            ip,
-            "--node-id",
-            node_id,
-            "--admin-port",
-            str(ADMIN_PORT),
-            "--stats-port",
-            str(STATS_PORT),
-            "--hosts-file",
-            str(self.layout.hosts_file.resolve()),
-            "--access-log",
-            str((self.layout.logs_dir / f"{name}-access.log").resolve()),
-            "--drain-seconds",
-            DRAIN_SECONDS,
-            *extra,
-        ]
+        return agent_argv(self.layout, kind, ip, node_id, name, *extra)
 
     async def _spawn(self, child: Child) -> None:
         log = child.log.open("ab")
@@ -468,6 +429,62 @@ class LocalMesh:
                 f"Ctrl-C here, or `{down_command}` from another shell, stops everything.",
             ]
         )
+
+
+def agent_argv(
+    layout: Layout, kind: str, ip: str, node_id: str, name: str, *extra: str
+) -> list[str]:
+    """`pilot-agent proxy KIND` bound to `ip`, logging to $MESH_DIR/logs/NAME-access.log."""
+    return [
+        str(BIN / "pilot-agent"),
+        "proxy",
+        kind,
+        "--discovery-address",
+        layout.pilot_grpc,
+        "--bind-address",
+        ip,
+        "--node-id",
+        node_id,
+        "--admin-port",
+        str(ADMIN_PORT),
+        "--stats-port",
+        str(STATS_PORT),
+        "--hosts-file",
+        str(layout.hosts_file.resolve()),
+        "--access-log",
+        str((layout.logs_dir / f"{name}-access.log").resolve()),
+        "--drain-seconds",
+        DRAIN_SECONDS,
+        *extra,
+    ]
+
+
+def sidecar_argv(layout: Layout, w: Workload) -> list[str]:
+    """A workload's sidecar: no iptables, inbound on its service port to the app's port."""
+    return agent_argv(
+        layout,
+        "sidecar",
+        w.ip,
+        w.node_id,
+        f"{w.name}-sidecar",
+        "--meta",
+        "INTERCEPTION_MODE=NONE",
+        "--meta",
+        f"APP_PORTS={w.service_port}:{w.app_port}",
+        "--meta",
+        f"APP_HOST={w.ip}",
+    )
+
+
+def app_env(w: Workload) -> dict[str, str]:
+    """An app reaches everything through its sidecar (HTTP_PROXY), NO_PROXY cleared."""
+    return {
+        "HTTP_PROXY": w.proxy_url,
+        "http_proxy": w.proxy_url,
+        "NO_PROXY": "",
+        "no_proxy": "",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _short(holder: str, width: int = 120) -> str:
