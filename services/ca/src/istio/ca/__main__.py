@@ -1,0 +1,3 @@
+from istio.ca.main import main
+
+main()

@@ -1,0 +1,3 @@
+from istio.nodeagent.main import main
+
+main()
