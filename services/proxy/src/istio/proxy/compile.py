@@ -20,6 +20,7 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from envoy.extensions.filters.network.mongo_proxy.v3 import mongo_proxy_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -31,6 +32,9 @@ from istio.proxy import config as rt
 
 HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
+MONGO_PROXY = "envoy.filters.network.mongo_proxy"
+# Filter chain metadata Pilot sets on Redis ports: {"istio": {"protocol": "REDIS"}}.
+ISTIO_METADATA = "istio"
 ROUTER = "envoy.filters.http.router"
 FAULT = "envoy.filters.http.fault"
 ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
@@ -39,6 +43,7 @@ TLS_TRANSPORT = "envoy.transport_sockets.tls"
 
 _HCM_TYPE = "type.googleapis.com/" + hcm.HttpConnectionManager.DESCRIPTOR.full_name
 _TCP_TYPE = "type.googleapis.com/" + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
+_MONGO_TYPE = "type.googleapis.com/" + mongo_proxy_pb2.MongoProxy.DESCRIPTOR.full_name
 _FAULT_TYPE = "type.googleapis.com/" + fault_pb2.HTTPFault.DESCRIPTOR.full_name
 _DENOMINATORS = {
     percent_pb2.FractionalPercent.HUNDRED: 10_000,
@@ -352,27 +357,74 @@ def _http_manager(name: str, manager: hcm.HttpConnectionManager) -> rt.HttpManag
     )
 
 
+def _tcp_proxy(
+    name: str, chain: listener_components_pb2.FilterChain, packed: any_pb2.Any
+) -> rt.TcpProxy:
+    """A tcp_proxy, with the stats sniffer its chain asks for: a mongo_proxy filter before it,
+    or the chain metadata `istio.protocol: REDIS`."""
+    tcp = tcp_proxy_pb2.TcpProxy()
+    packed.Unpack(tcp)
+    if tcp.WhichOneof("cluster_specifier") != "cluster":
+        raise CompileError("listener", name, "tcp_proxy needs a single cluster")
+    idle = seconds(tcp.idle_timeout) if tcp.HasField("idle_timeout") else None
+    if idle is not None and idle < 0:
+        raise CompileError("listener", name, "tcp_proxy idle_timeout is negative")
+    sniffer = None
+    sniffer_prefix = ""
+    commands: frozenset[str] = frozenset()
+    before = chain.filters[:-1]
+    if len(before) > 1:
+        raise CompileError("listener", name, "at most one network filter before tcp_proxy")
+    if before:
+        mongo_filter = before[0]
+        if mongo_filter.typed_config.type_url != _MONGO_TYPE:
+            raise CompileError(
+                "listener", name, f"unsupported network filter {mongo_filter.name} before tcp_proxy"
+            )
+        mongo = mongo_proxy_pb2.MongoProxy()
+        mongo_filter.typed_config.Unpack(mongo)
+        if mongo.HasField("delay") or mongo.access_log:
+            raise CompileError("listener", name, "mongo_proxy delay and access_log are unsupported")
+        if not mongo.stat_prefix:
+            raise CompileError("listener", name, "mongo_proxy needs a stat_prefix")
+        sniffer = rt.Sniffer.MONGO
+        sniffer_prefix = mongo.stat_prefix
+        commands = frozenset(mongo.commands)
+    protocol = chain.metadata.filter_metadata.get(ISTIO_METADATA)
+    if protocol is not None and "protocol" in protocol.fields:
+        value = protocol.fields["protocol"].string_value.upper()
+        if value == "REDIS" and sniffer is None:
+            sniffer = rt.Sniffer.REDIS
+            sniffer_prefix = tcp.stat_prefix or name
+    return rt.TcpProxy(
+        tcp.stat_prefix or name,
+        tcp.cluster,
+        idle_timeout=rt.DEFAULT_TCP_IDLE_TIMEOUT if idle is None else idle,
+        sniffer=sniffer,
+        sniffer_prefix=sniffer_prefix,
+        commands=commands,
+    )
+
+
 def _chain(
     name: str, chain: listener_components_pb2.FilterChain
 ) -> rt.HttpManager | rt.TcpProxy | None:
     if chain.HasField("transport_socket"):
         raise CompileError("listener", name, "TLS listeners are not supported yet")
+    if not chain.filters:
+        raise CompileError("listener", name, "a filter chain without network filters")
+    network_filter = chain.filters[-1]
+    packed = network_filter.typed_config
+    if packed.type_url == _TCP_TYPE:
+        return _tcp_proxy(name, chain, packed)
     if len(chain.filters) != 1:
         raise CompileError(
             "listener", name, f"expected one network filter, got {len(chain.filters)}"
         )
-    network_filter = chain.filters[0]
-    packed = network_filter.typed_config
     if packed.type_url == _HCM_TYPE:
         manager = hcm.HttpConnectionManager()
         packed.Unpack(manager)
         return _http_manager(name, manager)
-    if packed.type_url == _TCP_TYPE:
-        tcp = tcp_proxy_pb2.TcpProxy()
-        packed.Unpack(tcp)
-        if tcp.WhichOneof("cluster_specifier") != "cluster":
-            raise CompileError("listener", name, "tcp_proxy needs a single cluster")
-        return rt.TcpProxy(tcp.stat_prefix or name, tcp.cluster)
     raise CompileError("listener", name, f"unsupported network filter {network_filter.name}")
 
 

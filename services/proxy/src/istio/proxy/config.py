@@ -292,10 +292,25 @@ class HttpManager:
     fault_filter: bool = True
 
 
+DEFAULT_TCP_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy default
+
+
+class Sniffer(enum.Enum):
+    """A protocol the TCP proxy reads along the way for stats, never changing the bytes."""
+
+    MONGO = "mongo"  # envoy.filters.network.mongo_proxy before the tcp_proxy
+    REDIS = "redis"  # the filter chain's metadata istio.protocol: REDIS (docs/pilot.md)
+
+
 @dataclass(frozen=True, slots=True)
 class TcpProxy:
     stat_prefix: str
     cluster: str
+    idle_timeout: float = DEFAULT_TCP_IDLE_TIMEOUT  # 0: none
+    sniffer: Sniffer | None = None
+    sniffer_prefix: str = ""  # the sniffer's stat prefix (mongo.<prefix>.*, redis.<prefix>.*)
+    # mongo_proxy's `commands`: per-command stats only for these (empty: every command).
+    commands: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ the hot path does attribute increments and one bisect per request, nothing else.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # Milliseconds, Envoy's default histogram buckets.
 BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
@@ -54,7 +54,10 @@ class ClusterStats:
     __slots__ = (
         "cx_active",
         "cx_connect_fail",
+        "cx_overflow",
+        "cx_rx_bytes_total",
         "cx_total",
+        "cx_tx_bytes_total",
         "ejections_active",
         "ejections_total",
         "rq_active",
@@ -73,6 +76,9 @@ class ClusterStats:
         self.cx_total = 0
         self.cx_active = 0
         self.cx_connect_fail = 0
+        self.cx_overflow = 0  # TCP: refused by max_connections
+        self.cx_rx_bytes_total = 0  # TCP: bytes from the upstream (HTTP does not count them)
+        self.cx_tx_bytes_total = 0  # TCP: bytes to the upstream
         self.rq_total = 0
         self.rq_active = 0
         self.rq_pending_active = 0
@@ -92,9 +98,88 @@ class ClusterStats:
         self.rq_time.observe(milliseconds)
 
 
+class TcpStats:
+    """One tcp_proxy filter (stat prefix): Envoy's `tcp.<prefix>.*`."""
+
+    __slots__ = (
+        "cx_active",
+        "cx_no_route",
+        "cx_rx_bytes_total",
+        "cx_total",
+        "cx_tx_bytes_total",
+        "downstream_paused_reading_total",
+        "idle_timeout",
+        "upstream_paused_reading_total",
+    )
+
+    def __init__(self) -> None:
+        self.cx_total = 0
+        self.cx_active = 0
+        self.cx_no_route = 0
+        self.cx_rx_bytes_total = 0  # from the downstream
+        self.cx_tx_bytes_total = 0  # to the downstream
+        self.idle_timeout = 0
+        self.downstream_paused_reading_total = 0  # the upstream could not take more
+        self.upstream_paused_reading_total = 0  # the downstream could not take more
+
+
+_TCP_NAMES = {
+    "cx_total": "downstream_cx_total",
+    "cx_active": "downstream_cx_active",
+    "cx_no_route": "downstream_cx_no_route",
+    "cx_rx_bytes_total": "downstream_cx_rx_bytes_total",
+    "cx_tx_bytes_total": "downstream_cx_tx_bytes_total",
+    "idle_timeout": "idle_timeout",
+    "downstream_paused_reading_total": "downstream_flow_control_paused_reading_total",
+    "upstream_paused_reading_total": "upstream_flow_control_paused_reading_total",
+}
+_TCP_GAUGES = ("cx_active",)
+
+# Command names come from the wire: at most this many distinct ones per stat prefix, the rest
+# counted as "other", so a hostile client cannot grow the stats without bound.
+MAX_COMMANDS = 100
+
+
+class CommandStats:
+    __slots__ = ("error", "success", "time", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.success = 0
+        self.error = 0
+        self.time = Histogram()  # request to reply, milliseconds
+
+
+class ProtocolStats:
+    """What a protocol sniffer (MongoDB, Redis) saw on one filter: counters by name
+    (operations, replies, errors) and per-command stats."""
+
+    __slots__ = ("commands", "counters")
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+        self.commands: dict[str, CommandStats] = {}
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + amount
+
+    def command(self, name: str) -> CommandStats:
+        stats = self.commands.get(name)
+        if stats is None:
+            if len(self.commands) >= MAX_COMMANDS:
+                name = "other"
+                stats = self.commands.get(name)
+            if stats is None:
+                stats = self.commands[name] = CommandStats()
+        return stats
+
+
 _CLUSTER_COUNTERS = (
     "cx_total",
     "cx_connect_fail",
+    "cx_overflow",
+    "cx_rx_bytes_total",
+    "cx_tx_bytes_total",
     "rq_total",
     "rq_pending_overflow",
     "rq_overflow",
@@ -108,6 +193,9 @@ _CLUSTER_NAMES = {
     "cx_total": "upstream_cx_total",
     "cx_active": "upstream_cx_active",
     "cx_connect_fail": "upstream_cx_connect_fail",
+    "cx_overflow": "upstream_cx_overflow",
+    "cx_rx_bytes_total": "upstream_cx_rx_bytes_total",
+    "cx_tx_bytes_total": "upstream_cx_tx_bytes_total",
     "rq_total": "upstream_rq_total",
     "rq_active": "upstream_rq_active",
     "rq_pending_active": "upstream_rq_pending_active",
@@ -128,6 +216,9 @@ class Stats:
         self.http: dict[str, HttpStats] = {}
         self.clusters: dict[str, ClusterStats] = {}
         self.listener_cx: dict[str, int] = {}
+        self.tcp: dict[str, TcpStats] = {}
+        # Protocol sniffers by kind ("mongo", "redis") and stat prefix.
+        self.protocols: dict[str, dict[str, ProtocolStats]] = {}
 
     def http_stats(self, prefix: str) -> HttpStats:
         stats = self.http.get(prefix)
@@ -139,6 +230,19 @@ class Stats:
         stats = self.clusters.get(name)
         if stats is None:
             stats = self.clusters[name] = ClusterStats()
+        return stats
+
+    def tcp_stats(self, prefix: str) -> TcpStats:
+        stats = self.tcp.get(prefix)
+        if stats is None:
+            stats = self.tcp[prefix] = TcpStats()
+        return stats
+
+    def protocol_stats(self, kind: str, prefix: str) -> ProtocolStats:
+        by_prefix = self.protocols.setdefault(kind, {})
+        stats = by_prefix.get(prefix)
+        if stats is None:
+            stats = by_prefix[prefix] = ProtocolStats()
         return stats
 
     def listener_accepted(self, address: str) -> None:
@@ -162,6 +266,20 @@ class Stats:
             lines += [f"{base}.upstream_rq_{c}xx: {n}" for c, n in enumerate(cluster.rq_xx) if c]
         for address, count in self.listener_cx.items():
             lines.append(f"listener.{address}.downstream_cx_total: {count}")
+        for prefix, tcp in self.tcp.items():
+            for attribute, stat in _TCP_NAMES.items():
+                lines.append(f"tcp.{prefix}.{stat}: {getattr(tcp, attribute)}")
+        for kind, by_prefix in self.protocols.items():
+            group = "command" if kind == "redis" else "cmd"
+            for prefix, protocol in by_prefix.items():
+                base = f"{kind}.{prefix}"
+                lines += [f"{base}.{name}: {value}" for name, value in protocol.counters.items()]
+                for command, stats in protocol.commands.items():
+                    lines += [
+                        f"{base}.{group}.{command}.total: {stats.total}",
+                        f"{base}.{group}.{command}.success: {stats.success}",
+                        f"{base}.{group}.{command}.error: {stats.error}",
+                    ]
         return "\n".join(sorted(lines)) + "\n"
 
     def prometheus(self) -> str:
@@ -238,7 +356,52 @@ class Stats:
             out.append(
                 f'envoy_listener_downstream_cx_total{{envoy_listener_address="{address}"}} {count}'
             )
+        tcp = sorted(self.tcp.items())
+        for attribute, stat in _TCP_NAMES.items():
+            name = f"envoy_tcp_{stat}"
+            family(name, "gauge" if attribute in _TCP_GAUGES else "counter", stat.replace("_", " "))
+            for prefix, tcp_stats in tcp:
+                value = getattr(tcp_stats, attribute)
+                out.append(f'{name}{{envoy_tcp_prefix="{_escape(prefix)}"}} {value}')
+        for kind, by_prefix in sorted(self.protocols.items()):
+            self._protocol_families(out, family, histogram, kind, by_prefix)
         return "\n".join(out) + "\n"
+
+    @staticmethod
+    def _protocol_families(
+        out: list[str],
+        family: Callable[[str, str, str], None],
+        histogram: Callable[[str, str, Histogram], None],
+        kind: str,
+        by_prefix: dict[str, ProtocolStats],
+    ) -> None:
+        """`envoy_<kind>_<counter>{envoy_<kind>_prefix}` and per command
+        `envoy_<kind>_<cmd|command>_{total,success,error,time}{..., envoy_<kind>_cmd}`."""
+        prefixes = sorted(by_prefix.items())
+        label = f"envoy_{kind}_prefix"
+        for counter in sorted({name for _, stats in prefixes for name in stats.counters}):
+            name = f"envoy_{kind}_{counter}"
+            family(name, "counter", counter.replace("_", " "))
+            for prefix, stats in prefixes:
+                value = stats.counters.get(counter, 0)
+                out.append(f'{name}{{{label}="{_escape(prefix)}"}} {value}')
+        group = "command" if kind == "redis" else "cmd"
+        rows = [
+            (f'{label}="{_escape(prefix)}",envoy_{kind}_cmd="{_escape(command)}"', command_stats)
+            for prefix, stats in prefixes
+            for command, command_stats in sorted(stats.commands.items())
+        ]
+        if not rows:
+            return
+        for attribute in ("total", "success", "error"):
+            name = f"envoy_{kind}_{group}_{attribute}"
+            family(name, "counter", f"{group} {attribute}")
+            for labels, command_stats in rows:
+                out.append(f"{name}{{{labels}}} {getattr(command_stats, attribute)}")
+        name = f"envoy_{kind}_{group}_time"
+        family(name, "histogram", "Request to reply in milliseconds")
+        for labels, command_stats in rows:
+            histogram(name, labels, command_stats.time)
 
 
 def _escape(value: str) -> str:

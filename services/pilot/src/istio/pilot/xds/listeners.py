@@ -16,15 +16,22 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from envoy.extensions.filters.network.mongo_proxy.v3 import mongo_proxy_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
-from istio.model import Protocol, Proxy, ServiceInstance
-from istio.model.service import Direction, cluster_name
+from istio.config.duration import parse_duration
+from istio.model import Labels, Protocol, Proxy, ServiceInstance
+from istio.model.service import Direction, Port, cluster_name
 from istio.pilot.xds import common
-from istio.pilot.xds.index import MeshIndex, egress_rule
+from istio.pilot.xds.index import MeshIndex, destination_policy, egress_rule, policy_for
 
 VIRTUAL_LISTENER = "virtualOutbound"
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
+MONGO_PROXY = "envoy.filters.network.mongo_proxy"
+# 0.2's DestinationPolicy has no TCP idle timeout: this annotation on one gives it (a Go
+# duration; "0s" turns it off). Envoy's default, one hour, applies otherwise.
+TCP_IDLE_TIMEOUT_ANNOTATION = "networking.istio.io/tcpIdleTimeout"
+DEFAULT_TCP_IDLE_TIMEOUT_NANOS = 3600 * 1_000_000_000
 
 
 def http_filters() -> list[hcm.HttpFilter]:
@@ -64,8 +71,52 @@ def _chain(filter_name: str, config: Any) -> listener_components_pb2.FilterChain
     return listener_components_pb2.FilterChain(filters=[network_filter])
 
 
-def _tcp_proxy(stat_prefix: str, cluster: str) -> tcp_proxy_pb2.TcpProxy:
-    return tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
+def _tcp_proxy(
+    stat_prefix: str, cluster: str, idle_timeout: int | None = None
+) -> tcp_proxy_pb2.TcpProxy:
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
+    if idle_timeout is not None:
+        proxy.idle_timeout.CopyFrom(common.duration(idle_timeout))
+    return proxy
+
+
+def tcp_idle_timeout(index: MeshIndex, hostname: str, labels: Labels) -> int:
+    """The idle timeout (nanoseconds) of TCP connections to a service: from the annotation on
+    the DestinationPolicy that applies to it, else Envoy's default. Policies selected by source
+    are not consulted (these listeners are shared by every proxy); an annotation that is not
+    a duration is ignored."""
+    policy = policy_for(index, hostname, labels, ())
+    if policy is None:
+        return DEFAULT_TCP_IDLE_TIMEOUT_NANOS
+    for config in index.policies_by_host.get(hostname, []):
+        if destination_policy(config) is policy:
+            text = config.meta.annotations.get(TCP_IDLE_TIMEOUT_ANNOTATION)
+            if text is None:
+                break
+            try:
+                nanos = parse_duration(text)
+            except ValueError:
+                break
+            return max(nanos, 0)
+    return DEFAULT_TCP_IDLE_TIMEOUT_NANOS
+
+
+def tcp_chain(
+    index: MeshIndex, hostname: str, labels: Labels, port: Port, cluster: str
+) -> listener_components_pb2.FilterChain:
+    """A TCP port's chain: tcp_proxy to `cluster`; on MONGO ports Envoy's mongo_proxy (stats)
+    before it; on REDIS ports the chain's metadata `istio.protocol: REDIS`, from which the
+    proxy keeps RESP stats on the spliced bytes (Envoy's redis_proxy is a full proxy with
+    its own routing, not a splice: docs/pilot.md)."""
+    proxy = _tcp_proxy(cluster, cluster, tcp_idle_timeout(index, hostname, labels))
+    chain = _chain(common.TCP_PROXY, proxy)
+    if port.protocol is Protocol.MONGO:
+        mongo = listener_components_pb2.Filter(name=MONGO_PROXY)
+        mongo.typed_config.Pack(mongo_proxy_pb2.MongoProxy(stat_prefix=cluster))
+        chain.filters.insert(0, mongo)
+    elif port.protocol is Protocol.REDIS:
+        chain.metadata.CopyFrom(common.istio_metadata({"protocol": Protocol.REDIS.value}))
+    return chain
 
 
 def virtual_listener(index: MeshIndex) -> listener_pb2.Listener:
@@ -136,7 +187,7 @@ def outbound_listeners(index: MeshIndex) -> list[listener_pb2.Listener]:
                     address=common.socket_address(service.address, tcp_port.port),
                     bind_to_port={"value": False},
                     traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
-                    filter_chains=[_chain(common.TCP_PROXY, _tcp_proxy(cluster, cluster))],
+                    filter_chains=[tcp_chain(index, hostname, Labels(), tcp_port, cluster)],
                 )
             )
     return listeners
@@ -186,7 +237,9 @@ def inbound_listeners(
                 connection_manager(f"inbound_{port}", route_config=route_config),
             )
         else:
-            chain = _chain(common.TCP_PROXY, _tcp_proxy(cluster, cluster))
+            chain = tcp_chain(
+                index, instance.service.hostname, instance.labels, instance.service_port, cluster
+            )
         listeners.append(
             listener_pb2.Listener(
                 name=f"{proxy.ip}_{port}",
