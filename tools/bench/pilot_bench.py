@@ -908,7 +908,7 @@ def report(results: dict[str, Any], options: argparse.Namespace) -> None:
                 "",
             ),
             (
-                "  flush -> Pilot idle (all written, all ACKs handled)",
+                "  flush -> Pilot first idle (every stream's push written)",
                 pair(figures["pilot_busy"]),
                 "",
                 "",

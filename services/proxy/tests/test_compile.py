@@ -272,3 +272,22 @@ def test_weighted_clusters_and_redirects() -> None:
     assert redirect.action == Redirect(host="b", path="/c", status=301)
     assert redirect.match.matches("/a?x=1", {})
     assert not redirect.match.matches("/ab", {})
+
+
+def test_accepted_resources_are_kept_as_wire_bytes_and_decode_again() -> None:
+    state = loaded("sidecar-reviews-v2")
+    for short, resources in golden("sidecar-reviews-v2").items():
+        type_url = TYPES[short]
+        kept = state.types[type_url]
+        assert set(kept.raw) == set(resources)
+        for name, body in resources.items():
+            assert isinstance(kept.raw[name], bytes)
+            again = json_format.MessageToDict(kept.message(type_url, name))
+            original = packed(type_url, {name: body})[0]
+            assert kept.raw[name] == original.value
+            assert again["name" if type_url != ENDPOINT else "clusterName"] == name
+
+
+def test_route_tables_know_whether_they_match_on_headers() -> None:
+    assert table("sidecar-reviews-v2", "9080").header_matching  # the jason cookie rule
+    assert not table("sidecar-reviews-v2", "80").header_matching

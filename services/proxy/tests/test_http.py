@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httptools
@@ -20,8 +21,10 @@ from istio.proxy.config import (
     ClusterType,
     Endpoint,
     Fault,
+    HeaderMatcher,
     HttpManager,
     Listener,
+    MatchKind,
     OutlierDetection,
     PathKind,
     Redirect,
@@ -34,6 +37,7 @@ from istio.proxy.config import (
     VirtualHost,
 )
 from istio.proxy.context import Context, Limits
+from istio.proxy.http import HttpConnection, request_id
 from istio.proxy.listeners import ListenerManager
 
 
@@ -403,4 +407,164 @@ async def test_endpoint_update_keeps_healthy_connections(proxy: Proxy) -> None:
     assert not connection.closed
     assert pooled.idle == [connection]
     assert proxy.context.clusters.clusters["a"].hosts[("127.0.0.31", proxy.a.port)] is pooled
+    client.close()
+
+
+def test_generated_request_ids_are_unique_uuid4s() -> None:
+    ids = [request_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:2000]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text  # canonical: lowercase, 8-4-4-4-12
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+
+
+class Recorder:
+    """A downstream transport that records each write call (writelines counts as one)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.inner.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.writes.append(b"".join(parts))
+        self.inner.writelines(parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class RawBackend:
+    """An upstream that answers each request with fixed byte pieces, written apart with a
+    pause between them, so the test knows how the response reaches the proxy."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                for index, piece in enumerate(self.pieces):
+                    if index:
+                        await asyncio.sleep(0.05)
+                    writer.write(piece)
+                    await writer.drain()
+        writer.close()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.33", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def recorded_client(
+    proxy: Proxy, pieces: list[bytes]
+) -> AsyncIterator[tuple[Client, Recorder]]:
+    """A client whose downstream connection's writes are recorded, and a route /raw to a
+    RawBackend answering `pieces`."""
+    backend = RawBackend(pieces)
+    await backend.start()
+    snapshot = proxy.snapshot([route("/raw", cluster="raw"), route()])
+    raw = Cluster("raw", ClusterType.STATIC, endpoints=(Endpoint("127.0.0.33", backend.port),))
+    await proxy.apply(replace(snapshot, clusters={**snapshot.clusters, "raw": raw}))
+    client = await proxy.client()
+    assert (await client.get()).status == 200  # the connection exists now
+    (conn,) = proxy.manager.bound["http"].connections
+    assert isinstance(conn, HttpConnection)
+    recorder = Recorder(conn.transport)
+    conn.transport = recorder  # type: ignore[assignment]
+    try:
+        yield client, recorder
+    finally:
+        client.close()
+        proxy.context.clusters.clusters["raw"].shutdown()
+        await backend.stop()
+
+
+async def test_response_head_body_and_end_go_out_in_one_write(proxy: Proxy) -> None:
+    response = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-up: 1\r\n\r\nhello"
+    async with recorded_client(proxy, [response]) as (client, recorder):
+        reply = await client.get("/raw")
+        assert (reply.status, reply.body, reply.headers["x-up"]) == (200, b"hello", "1")
+        (written,) = recorder.writes
+        assert written.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert written.endswith(b"\r\n\r\nhello")
+        recorder.writes.clear()
+        pipelined = (b"GET /raw/%d HTTP/1.1\r\nHost: svc\r\n\r\n" % i for i in range(3))
+        await client.send(b"".join(pipelined))
+        assert [r.body for r in await client.read(3)] == [b"hello"] * 3
+        assert len(recorder.writes) == 3  # one per pipelined response
+        recorder.writes.clear()
+        assert (await client.get("/", host="nobody")).status == 404  # a local reply, too
+        assert len(recorder.writes) == 1
+
+
+async def test_chunked_response_chunks_and_terminator_are_coalesced(proxy: Proxy) -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    async with recorded_client(proxy, [head + b"5\r\nhello\r\n0\r\n\r\n"]) as (
+        client,
+        recorder,
+    ):
+        reply = await client.get("/raw")
+        assert (reply.status, reply.body, reply.complete) == (200, b"hello", True)
+        (written,) = recorder.writes
+        assert written.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+
+
+async def test_streamed_response_writes_once_per_upstream_read(proxy: Proxy) -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    pieces = [head + b"3\r\none\r\n", b"3\r\ntwo\r\n5\r\nthree\r\n0\r\n\r\n"]
+    async with recorded_client(proxy, pieces) as (client, recorder):
+        reply = await client.get("/raw")
+        assert (reply.status, reply.body, reply.complete) == (200, b"onetwothree", True)
+        first, second = recorder.writes
+        assert first.endswith(b"\r\n\r\n3\r\none\r\n")
+        assert second == b"3\r\ntwo\r\n5\r\nthree\r\n0\r\n\r\n"
+
+
+async def test_100_continue_then_coalesced_response(proxy: Proxy) -> None:
+    response = b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"
+    async with recorded_client(proxy, [response]) as (client, recorder):
+        await client.send(
+            b"POST /raw HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        (interim,) = await client.read()
+        assert interim.status == 100
+        await client.send(b"hello")
+        (final,) = await client.read()
+        assert (final.status, final.body) == (201, b"ok")
+        assert recorder.writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert len(recorder.writes) == 2
+
+
+async def test_header_matchers_route_and_tables_without_them_skip_headers(proxy: Proxy) -> None:
+    jason = RouteMatch(
+        PathKind.PREFIX, "/", headers=(HeaderMatcher("x-user", MatchKind.EXACT, "jason"),)
+    )
+    by_header = Route("jason", jason, RouteAction(clusters=(("b", 1),), total_weight=1))
+    snapshot = proxy.snapshot([by_header, route()])
+    table = snapshot.listeners["http"].chain.routes  # type: ignore[union-attr]
+    assert table is not None
+    assert table.header_matching
+    assert not proxy.snapshot([route()]).listeners["http"].chain.routes.header_matching  # type: ignore[union-attr]
+    await proxy.apply(snapshot)
+    client = await proxy.client()
+    assert (await client.get(extra="X-User: jason\r\n")).json()["name"] == "b"
+    assert (await client.get(extra="X-User: bob\r\n")).json()["name"] == "a"
+    assert (await client.get()).json()["name"] == "a"
     client.close()

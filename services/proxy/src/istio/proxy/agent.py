@@ -295,8 +295,8 @@ class Agent:
         for type_url, (dump_type, key, field_name) in _DUMP_TYPES.items():
             state = self.state.types[type_url]
             entries = []
-            for name, message in sorted(state.raw.items()):
-                body = json_format.MessageToDict(message)
+            for name in sorted(state.raw):
+                body = json_format.MessageToDict(state.message(type_url, name))
                 if type_url == LISTENER:
                     body = {"version_info": state.version, "listener": body}
                 entries.append({"name": name, "version_info": state.version, field_name: body})

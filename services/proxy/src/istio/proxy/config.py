@@ -218,6 +218,16 @@ class RouteTable:
     prefixes: tuple[tuple[str, VirtualHost], ...]  # longest first
     default: VirtualHost | None
     headers_to_add: tuple[HeaderToAdd, ...] = ()
+    # whether any route matches on headers: without, a request's headers are not looked at
+    header_matching: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        hosts = [*self.virtual_hosts, *self.exact.values(), self.default]
+        hosts += [host for _, host in (*self.suffixes, *self.prefixes)]
+        matching = any(
+            route.match.headers for host in hosts if host is not None for route in host.routes
+        )
+        object.__setattr__(self, "header_matching", matching)
 
     @classmethod
     def build(

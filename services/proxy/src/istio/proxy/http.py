@@ -29,7 +29,6 @@ import random
 import socket
 import struct
 import time
-import uuid
 from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
@@ -80,6 +79,17 @@ HOP_BY_HOP = frozenset(
 )
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 SO_ORIGINAL_DST = 80
+
+
+def request_id(getrandbits: Any = random.getrandbits) -> str:
+    """A fresh x-request-id: 122 random bits in UUID version 4 form, as Envoy's, without
+    uuid.uuid4()'s os.urandom system call (the ids need to be unique, not secret)."""
+    digits = "%032x" % (getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+_UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48)  # the version nibble, the variant bits
+_UUID4_SET = 0x4000 << 64 | 0x8000 << 48  # version 4, variant RFC 4122
 
 
 def status_line(status: int) -> bytes:
@@ -137,6 +147,10 @@ class HttpConnection(asyncio.Protocol):
         self.original_dst = original_dst
         self.registry = on_close
         self.transport: asyncio.Transport | None = None
+        # made by the loop's protocol factory. Kept: asyncio.get_running_loop() costs a
+        # getpid() system call on every use (CPython's fork check)
+        self.loop = asyncio.get_running_loop()
+        self.pending: list[bytes] | None = None  # writes held back while corked
         self.peer = ""
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
@@ -172,6 +186,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.pending = None
         if self.registry is not None:
             self.registry.discard(self)
         if self.stats is not None:
@@ -186,6 +201,10 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing or self.broken:
             return
+        corked = self.cork()
+        # request body bytes for the active exchange's upstream: one write per read, too
+        upstream = self.queue[0].upstream if self.queue else None
+        upstream_corked = upstream is not None and upstream.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as error:
@@ -204,6 +223,12 @@ class HttpConnection(asyncio.Protocol):
                 self.queue[-1].keep_alive = False
         except httptools.HttpParserError as error:
             self._protocol_error(400, str(error))
+        finally:
+            if upstream_corked:
+                assert upstream is not None
+                upstream.uncork()
+            if corked:
+                self.uncork()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -223,8 +248,7 @@ class HttpConnection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
-        loop = asyncio.get_running_loop()
-        self.header_timer = loop.call_later(
+        self.header_timer = self.loop.call_later(
             self.context.limits.header_timeout, self._header_timeout
         )
 
@@ -292,9 +316,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _arm_idle(self) -> None:
         if self.idle_timer is None and not self.closing:
-            self.idle_timer = asyncio.get_running_loop().call_later(
-                self.context.limits.idle_timeout, self.close
-            )
+            self.idle_timer = self.loop.call_later(self.context.limits.idle_timeout, self.close)
 
     def _header_timeout(self) -> None:
         self.header_timer = None
@@ -328,15 +350,38 @@ class HttpConnection(asyncio.Protocol):
             self._arm_idle()
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closing:
+        pending = self.pending
+        if pending is not None:
+            pending.append(data)
+        elif self.transport is not None and not self.closing:
             self.transport.write(data)
+
+    def cork(self) -> bool:
+        """Hold writes back until `uncork`, to send what one event produces (a response head
+        with its body and its end, a run of chunks) in one system call. True when this call
+        corked the connection, so the caller owns the `uncork`; False when already corked."""
+        if self.pending is not None:
+            return False
+        self.pending = []
+        return True
+
+    def uncork(self) -> None:
+        pending, self.pending = self.pending, None
+        if not pending or self.transport is None or self.closing:
+            return
+        if len(pending) == 1:
+            self.transport.write(pending[0])
+        else:
+            self.transport.writelines(pending)
 
     def close(self) -> None:
         if self.transport is not None and not self.closing:
+            self.uncork()
             self.closing = True
             self.transport.close()
 
     def reset(self) -> None:
+        self.pending = None
         if self.transport is not None:
             self.closing = True
             self.transport.abort()
@@ -566,7 +611,7 @@ class Exchange:
             self.keep_alive = False
             self.local_reply(status, reason, flags="DPE")
             return
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        self.task = self.conn.loop.create_task(self._run())
 
     async def _run(self) -> None:
         try:
@@ -600,6 +645,8 @@ class Exchange:
         return authority, path
 
     def _routing_headers(self) -> dict[str, str]:
+        """The request's headers as header matchers see them: lowercase names, repeated
+        headers joined with commas, and the pseudo-headers."""
         headers: dict[str, str] = {}
         for name, value in self.headers:
             key = name.decode("latin-1").lower()
@@ -629,16 +676,18 @@ class Exchange:
             stats.cx_total += 1
             stats.cx_active += 1
             conn.stats = stats
-        headers = self._routing_headers()
         for name, value in self.headers:
             if name.lower() == b"x-request-id":
                 self.request_id = value.decode("latin-1")
         if not self.request_id and manager.generate_request_id:
-            self.request_id = str(uuid.uuid4())
+            self.request_id = request_id()
         table = manager.routes
         if table is None and manager.rds is not None:
             table = context.snapshot.routes.get(manager.rds)
-        selected = table.select(self.authority, self.path, headers) if table else None
+        selected = None
+        if table is not None:
+            headers = self._routing_headers() if table.header_matching else _NO_HEADERS
+            selected = table.select(self.authority, self.path, headers)
         if selected is None or table is None:
             self.local_reply(404, "", flags="NR")
             return
@@ -661,7 +710,7 @@ class Exchange:
                 self.local_reply(fault.abort_status, "fault filter abort", flags="FI")
                 return
         if action.timeout:
-            self.timer = asyncio.get_running_loop().call_later(action.timeout, self._route_timeout)
+            self.timer = conn.loop.call_later(action.timeout, self._route_timeout)
         self.cluster_name = action.pick_cluster(action.next_draw())
         cluster = context.clusters.clusters.get(self.cluster_name)
         if cluster is None:
@@ -833,7 +882,7 @@ class Exchange:
         self.response_head = []
         self.response_body = []
         self.response_done = False
-        self.attempt_waiter = asyncio.get_running_loop().create_future()
+        self.attempt_waiter = self.conn.loop.create_future()
         parts = [head, *(self._frame(chunk) for chunk in self.body)]
         if self.request_done and self.chunked:
             parts.append(b"0\r\n\r\n")
@@ -930,6 +979,12 @@ class Exchange:
     def on_upstream_write_paused(self, paused: bool) -> None:
         self.conn.set_read_paused("upstream", paused)
 
+    def cork(self) -> bool:
+        return self.conn.cork()
+
+    def uncork(self) -> None:
+        self.conn.uncork()
+
     def downstream_write_paused(self, paused: bool) -> None:
         if self.upstream is not None:
             self.upstream.pause_reading(paused)
@@ -969,17 +1024,24 @@ class Exchange:
         elif self.version == "1.0":
             lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self.conn.write(b"".join(lines))
-        if self.conn.write_paused and self.upstream is not None:
-            self.upstream.pause_reading(True)
-        body, self.response_body = self.response_body, []
-        for chunk in body:
-            self.on_response_body(chunk)
-        if self.response_done:
-            self._end_response()
-        elif self.response_reset:
-            self.flags = "UR"
-            self._complete(reset=True)
+        conn = self.conn
+        # the head, the body that came with it and its end go out in one write
+        corked = conn.cork()
+        try:
+            conn.write(b"".join(lines))
+            if conn.write_paused and self.upstream is not None:
+                self.upstream.pause_reading(True)
+            body, self.response_body = self.response_body, []
+            for chunk in body:
+                self.on_response_body(chunk)
+            if self.response_done:
+                self._end_response()
+            elif self.response_reset:
+                self.flags = "UR"
+                self._complete(reset=True)
+        finally:
+            if corked:
+                conn.uncork()
 
     def _end_response(self) -> None:
         if self.response_chunked:
@@ -1065,7 +1127,7 @@ class Exchange:
         if (
             self.task is not None
             and not self.task.done()
-            and asyncio.current_task() is not self.task
+            and asyncio.current_task(conn.loop) is not self.task
         ):
             self.task.cancel()
         if reset:
@@ -1152,6 +1214,7 @@ def _header_line(added: HeaderToAdd) -> bytes:
     return b"%b: %b\r\n" % (added.name.encode("latin-1"), added.value.encode("latin-1"))
 
 
+_NO_HEADERS: dict[str, str] = {}  # for route tables without header matchers: never read
 _background: set[asyncio.Task[None]] = set()
 
 
@@ -1203,4 +1266,10 @@ class Mirror:
             self.done.set_result(None)
 
     def on_upstream_write_paused(self, paused: bool) -> None:
+        pass
+
+    def cork(self) -> bool:
+        return False
+
+    def uncork(self) -> None:
         pass

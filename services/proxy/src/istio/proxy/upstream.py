@@ -54,6 +54,13 @@ class UpstreamHandler(Protocol):
 
     def on_upstream_write_paused(self, paused: bool) -> None: ...
 
+    def cork(self) -> bool:
+        """Hold the writes to the client back while one read is handled (True: this call
+        corked them, `uncork` sends them in one write)."""
+        ...
+
+    def uncork(self) -> None: ...
+
 
 class Resolver:
     """Names to addresses: a hosts file first (the local platform's override), then DNS."""
@@ -89,6 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
         "head_request",
         "host",
         "parser",
+        "pending",
+        "reading_paused",
         "requests",
         "response_started",
         "skip",
@@ -100,6 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.host = host
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.pending: list[bytes] | None = None  # writes held back while corked
+        self.reading_paused = False
         self.handler: UpstreamHandler | None = None
         self.requests = 0
         self.closed = False
@@ -135,16 +146,22 @@ class UpstreamConnection(asyncio.Protocol):
             handler.on_upstream_reset("upstream connection closed")
 
     def data_received(self, data: bytes) -> None:
-        if self.handler is None:
+        handler = self.handler
+        if handler is None:
             self.close()  # nothing was asked: a broken or hostile upstream
             return
+        # what this read makes the handler write to its client goes out in one write
+        corked = handler.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
-            handler, self.handler = self.handler, None
+            current, self.handler = self.handler, None
             self.close()
-            if handler is not None:
-                handler.on_upstream_reset(f"upstream protocol error: {error}")
+            if current is not None:
+                current.on_upstream_reset(f"upstream protocol error: {error}")
+        finally:
+            if corked:
+                handler.uncork()
 
     def pause_writing(self) -> None:
         if self.handler is not None:
@@ -207,15 +224,35 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_request = head_request
         self.response_started = False
         self._until_close = False
-        self.transport.write(head)
+        self.write(head)
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        pending = self.pending
+        if pending is not None:
+            pending.append(data)
+        elif self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def pause_reading(self, paused: bool) -> None:
-        if self.transport is None or self.closed:
+    def cork(self) -> bool:
+        """Hold writes back until `uncork` (see HttpConnection.cork)."""
+        if self.pending is not None:
+            return False
+        self.pending = []
+        return True
+
+    def uncork(self) -> None:
+        pending, self.pending = self.pending, None
+        if not pending or self.transport is None or self.closed:
             return
+        if len(pending) == 1:
+            self.transport.write(pending[0])
+        else:
+            self.transport.writelines(pending)
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is None or self.closed or paused == self.reading_paused:
+            return
+        self.reading_paused = paused
         if paused:
             self.transport.pause_reading()
         else:
@@ -226,6 +263,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self.uncork()
             self.closed = True
             self.transport.close()
             self.cluster.connection_closed(self)
@@ -425,6 +463,9 @@ class ClusterRuntime:
     def release(self, connection: UpstreamConnection) -> None:
         """A connection whose exchange completed cleanly: reuse it or close it."""
         connection.detach()
+        connection.uncork()
+        if connection.reading_paused:  # held back for its last client: the next must read
+            connection.pause_reading(False)
         limit = self.config.max_requests_per_connection
         host = connection.host
         if connection.closed or host.removed or (limit and connection.requests >= limit):

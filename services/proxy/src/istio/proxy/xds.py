@@ -55,9 +55,17 @@ _COMPILERS: dict[str, Callable[[Any], Any]] = {
 
 @dataclass(frozen=True, slots=True)
 class TypeState:
+    """The accepted resources of one type. `raw` keeps each one as its wire bytes (for
+    /config_dump, decoded again by `message`): parsed protobuf messages would cost several
+    times the memory, and only the compiled records are read when serving."""
+
     version: str = ""
-    raw: Mapping[str, Message] = field(default_factory=lambda: MappingProxyType({}))
+    raw: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
     compiled: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def message(self, type_url: str, name: str) -> Message:
+        """The resource `name` as accepted, decoded again."""
+        return _MESSAGES[type_url].FromString(self.raw[name])
 
 
 class XdsState:
@@ -72,7 +80,7 @@ class XdsState:
         message_type = _MESSAGES.get(type_url)
         if message_type is None:
             return f"unsupported resource type {type_url}"
-        raw: dict[str, Message] = {}
+        raw: dict[str, bytes] = {}
         compiled: dict[str, Any] = {}
         try:
             for packed in resources:
@@ -84,7 +92,7 @@ class XdsState:
                 if name in raw:
                     return f"duplicate {SHORT_NAMES[type_url]} resource {name!r}"
                 compiled[name] = _COMPILERS[type_url](message)
-                raw[name] = message
+                raw[name] = packed.value
         except compile.CompileError as error:
             self.nacks += 1
             self.last_nack = str(error)
