@@ -90,8 +90,18 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
 
 # Benchmarks, not part of `make test`: Pilot with 1,000 services and 200 ADS clients on
-# loopback (tools/bench/pilot_bench.py; BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 20").
+# loopback (tools/bench/pilot_bench.py; BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 20"),
+# and the proxy against haproxy with wrk (tools/bench/proxy_bench.py; PROXY_BENCH_ARGS).
 # What is measured and the figures: docs/benchmarks.md.
-.PHONY: bench
-bench: venv
+# The proxy benchmark needs wrk and haproxy (installed here when run as root).
+.PHONY: bench bench-pilot bench-proxy
+bench: bench-pilot bench-proxy
+
+bench-pilot: venv
 	$(PY) tools/bench/pilot_bench.py $(BENCH_ARGS)
+
+bench-proxy: venv
+	@for tool in wrk haproxy; do command -v $$tool >/dev/null || { \
+		[ "$$(id -u)" = 0 ] || { echo "bench: $$tool is missing: run as root or apt-get install $$tool" >&2; exit 1; }; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$tool >/dev/null; }; done
+	$(PY) tools/bench/proxy_bench.py $(PROXY_BENCH_ARGS)
