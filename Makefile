@@ -103,5 +103,5 @@ bench-pilot: venv
 bench-proxy: venv
 	@for tool in wrk haproxy; do command -v $$tool >/dev/null || { \
 		[ "$$(id -u)" = 0 ] || { echo "bench: $$tool is missing: run as root or apt-get install $$tool" >&2; exit 1; }; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$tool >/dev/null; }; done
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$tool >/dev/null; }; done
 	$(PY) tools/bench/proxy_bench.py $(PROXY_BENCH_ARGS)
