@@ -570,3 +570,63 @@ async def test_closed_stream_is_forgotten(harness: Harness) -> None:
     assert await client.call.read() is grpc.aio.EOF
     assert harness.ads.streams == ()
     assert harness.sample("pilot_xds_connected_proxies") == 0
+
+
+def test_resources_are_packed_once_per_flush_and_shared() -> None:
+    """A resource with a known digest is packed once and shared by every stream's response,
+    whatever else those responses carry; unknown digests are packed each time."""
+    ads = AdsServer(generate)
+    one = cluster_pb2.Cluster(name="one")
+    two = cluster_pb2.Cluster(name="two", alt_stat_name="x")
+    generated = Resources(
+        MappingProxyType({CLUSTER: {"one": one, "two": two}}),
+        MappingProxyType({CLUSTER: {"one": b"d1", "two": b"d2"}}),
+    )
+    first = ads._pack(CLUSTER, {"one": one, "two": two}, None, generated)
+    second = ads._pack(CLUSTER, {"one": one}, None, generated)
+    assert second[0] is first[0]
+    assert [item.type_url for item in first] == [CLUSTER, CLUSTER]
+    assert ads._pack(CLUSTER, {"two": two}, frozenset({"two"}), generated)[0] is first[1]
+    unknown = ads._pack(CLUSTER, {"one": one}, None, None)
+    assert unknown[0] is not first[0]
+    assert unknown[0] == first[0]
+    changed = Resources(
+        MappingProxyType({CLUSTER: {"one": two}}), MappingProxyType({CLUSTER: {"one": b"d3"}})
+    )
+    assert ads._pack(CLUSTER, {"one": two}, None, changed)[0] is not first[0]
+
+
+async def test_equal_subscriptions_share_one_set(harness: Harness) -> None:
+    first = await harness.connect(SIDECAR_A)
+    second = await harness.connect(SIDECAR_A2)
+    for client in (first, second):
+        await client.request(ENDPOINT, [REVIEWS_CLUSTER, RATINGS_CLUSTER])
+        await client.read()
+    await harness.ads.wait_idle()
+    one, two = harness.ads.streams
+    assert one.types[ENDPOINT].names == {REVIEWS_CLUSTER, RATINGS_CLUSTER}
+    assert one.types[ENDPOINT].names is two.types[ENDPOINT].names
+
+
+async def test_a_flush_freezes_what_lives_and_idle_collects_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    from istio.pilot import ads as ads_module
+
+    monkeypatch.setattr(ads_module, "IDLE_COLLECT_SECONDS", 0.01)
+    collected = asyncio.Event()
+    real = ads_module._collect_all
+
+    def collect() -> None:
+        real()
+        collected.set()
+
+    monkeypatch.setattr(ads_module, "_collect_all", collect)
+    gc.unfreeze()
+    ads = AdsServer(generate)
+    ads.push(mesh([REVIEWS]), Change.SERVICES)
+    assert gc.get_freeze_count() > 0
+    await asyncio.wait_for(collected.wait(), timeout=5)
+    assert gc.get_freeze_count() > 0

@@ -77,3 +77,50 @@ def test_proxies_alike_share_generated_messages(bookinfo: Callable[..., MeshSnap
     other = generate(snapshot, Proxy.parse("sidecar~10.9.0.3~c.books~books.svc.cluster.local"))
     # Short names differ by namespace: "reviews" resolves only from default.
     assert other.version(resources.ROUTE) != one.version(resources.ROUTE)
+
+
+def test_endpoint_change_carries_over_all_but_the_changed_hosts(
+    bookinfo: Callable[..., MeshSnapshot],
+) -> None:
+    """An endpoints-only snapshot starts from the previous one's shared outputs: the changed
+    host's assignments are new, everything else is the same objects, and the result equals
+    what a generation from scratch gives."""
+    from istio.pilot.xds import index as index_module
+
+    node = Proxy.parse("sidecar~10.9.0.1~a.default~default.svc.cluster.local")
+    reviews = "reviews.default.svc.cluster.local"
+    before = bookinfo()
+    old = generate(before, node)
+    instances = dict(before.instances)
+    added = dataclasses.replace(instances[reviews][0], address="10.9.9.9")
+    instances[reviews] = (*instances[reviews], added)
+    after = dataclasses.replace(before, instances=instances)
+    new = generate(after, node)
+
+    old_eds, new_eds = old.of(resources.ENDPOINT), new.of(resources.ENDPOINT)
+    assert old_eds.keys() == new_eds.keys()
+    for name in old_eds:
+        if name.endswith("|" + reviews):
+            assert new_eds[name] is not old_eds[name]
+        else:
+            assert new_eds[name] is old_eds[name], name
+    assert "10.9.9.9" in str(new_eds[f"outbound|9080||{reviews}"])
+    assert "10.9.9.9" not in str(old_eds[f"outbound|9080||{reviews}"])
+    for type_url in (resources.CLUSTER, resources.LISTENER, resources.ROUTE):
+        shared = set(old.of(type_url)) & set(new.of(type_url))
+        assert any(new.of(type_url)[n] is old.of(type_url)[n] for n in shared)
+
+    index_module._LAST.clear()
+    fresh = generate(dataclasses.replace(after), node)
+    for type_url in resources.PUSH_ORDER:
+        assert fresh.version(type_url) == new.version(type_url)
+        if type_url == resources.ENDPOINT:
+            assert all(fresh.of(type_url)[n] is not new.of(type_url)[n] for n in new_eds)
+
+    # A DNS service's endpoints are inline in its cluster: nothing is carried over.
+    dns = "api.example.com"
+    instances[dns] = (dataclasses.replace(added, address="api-2.example.com"),)
+    again = generate(dataclasses.replace(after, instances=dict(instances)), node)
+    assert all(
+        again.of(resources.ENDPOINT)[n] is not new_eds[n] for n in again.of(resources.ENDPOINT)
+    )

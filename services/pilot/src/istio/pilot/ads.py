@@ -23,6 +23,7 @@ good config; nothing is resent until the generated content changes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import logging
@@ -64,6 +65,9 @@ class Debounce:
 
 
 DEFAULT_DEBOUNCE = Debounce()
+
+# After this long without a flush, one full garbage collection (see AdsServer._flush).
+IDLE_COLLECT_SECONDS = 30.0
 
 
 class AdsMetrics:
@@ -209,10 +213,16 @@ class AdsServer:
         self._timer: asyncio.TimerHandle | None = None
         self._flushed = asyncio.Event()
         self._flushed.set()
+        self._idle_collect: asyncio.TimerHandle | None = None
         self.flushes = 0
         # Packed resources by (type, version): the version is a content hash, so proxies that
         # get the same content (most of a namespace) share one packing. Cleared on each flush.
         self._packed: dict[tuple[str, str], list[any_pb2.Any]] = {}
+        # Each resource packed once per flush, by (type, name, content digest), for every
+        # stream that sends it (streams whose versions differ still share most resources).
+        self._anys: dict[tuple[str, str, bytes], any_pb2.Any] = {}
+        # Equal subscriptions (most proxies ask for the same names) share one frozenset.
+        self._subscriptions: dict[frozenset[str], frozenset[str]] = {}
 
     @property
     def snapshot(self) -> MeshSnapshot | None:
@@ -256,10 +266,20 @@ class AdsServer:
         if snapshot is None:
             return
         self._snapshot = snapshot
+        # What lives now (the config every proxy holds) moves out of the cyclic collector's
+        # generations, so its collections during the push do not walk it all again; garbage
+        # cycles among it are freed by one full collection once pushes have been idle a while.
+        gc.freeze()
+        loop = asyncio.get_running_loop()
+        if self._idle_collect is not None:
+            self._idle_collect.cancel()
+        self._idle_collect = loop.call_later(IDLE_COLLECT_SECONDS, _collect_all)
         self._packed = {}
+        self._anys = {}
+        self._subscriptions = {}
         self.flushes += 1
         types = (ENDPOINT,) if changes == {Change.ENDPOINTS} else PUSH_ORDER
-        since = asyncio.get_running_loop().time()
+        since = loop.time()
         for stream in self._streams.values():
             stream._notify(types, since)
 
@@ -306,13 +326,20 @@ class AdsServer:
                 if item is _PUSH:
                     types, since = stream._take_push()
                     responses = self._respond(stream, types, forced=set())
-                    for response in responses:
-                        yield response
-                    if responses:
+                    sent = bool(responses)
+                    # Each response is dropped as it is written: none stays alive in this
+                    # frame until the stream's next push.
+                    responses.reverse()
+                    while responses:
+                        yield responses.pop()
+                    if sent:
                         self.metrics.push_seconds.observe(asyncio.get_running_loop().time() - since)
                 else:
-                    for response in self._on_request(stream, item):
-                        yield response
+                    responses = self._on_request(stream, item)
+                    del item  # a request names up to every cluster: not kept while waiting
+                    responses.reverse()
+                    while responses:
+                        yield responses.pop()
                 item = await inbox.get()
         finally:
             reader.cancel()
@@ -330,6 +357,8 @@ class AdsServer:
             log.debug("%s asked for unsupported type %s", stream.node_id, type_url)
             return []
         names = _subscription(type_url, request.resource_names)
+        if names is not None:
+            names = self._subscriptions.setdefault(names, names)
         state = stream.types.get(type_url)
         if state is None:
             stream.types[type_url] = TypeState(names)
@@ -435,13 +464,37 @@ class AdsServer:
         state.sent_nonce = stream._next_nonce()
         packed = self._packed.get((type_url, version)) if shared else None
         if packed is None:
-            packed = _packed(current, state.names)
+            packed = self._pack(type_url, current, state.names, stream._resources)
             if shared:
                 self._packed[type_url, version] = packed
         self.metrics.pushes.labels(SHORT_NAMES[type_url]).inc()
         return discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=state.sent_nonce, resources=packed
         )
+
+    def _pack(
+        self,
+        type_url: str,
+        current: Mapping[str, Any],
+        names: frozenset[str] | None,
+        generated: Resources | None,
+    ) -> list[any_pb2.Any]:
+        """`current` (only `names`, when given) packed in name order; resources whose digest
+        the generator knows are packed once per flush and shared by every stream."""
+        digests = generated.digests.get(type_url, {}) if generated is not None else {}
+        packed = []
+        for name, message in sorted(current.items()):
+            if names is not None and name not in names:
+                continue
+            digest = digests.get(name)
+            item = self._anys.get((type_url, name, digest)) if digest is not None else None
+            if item is None:
+                item = any_pb2.Any()
+                item.Pack(message)
+                if digest is not None:
+                    self._anys[type_url, name, digest] = item
+            packed.append(item)
+        return packed
 
     def _resources_for(self, stream: ProxyStream) -> Resources | None:
         """The stream's resources for the current snapshot; on a generation failure the last
@@ -457,6 +510,13 @@ class AdsServer:
             stream.generation_error = f"{type(error).__name__}: {error}"
             log.exception("xDS generation failed for %s; it keeps its last config", stream.node_id)
         return stream._resources
+
+
+def _collect_all() -> None:
+    """One full collection, frozen objects included; what survives is frozen again."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 async def _read(requests: AsyncIterator[_Request], inbox: _Inbox) -> None:
@@ -496,14 +556,3 @@ def _subscription(type_url: str, requested: Iterable[str]) -> frozenset[str] | N
     if type_url in NAMED_TYPES:
         return names
     return None if not names or "*" in names else names
-
-
-def _packed(resources: Mapping[str, Any], names: frozenset[str] | None) -> list[any_pb2.Any]:
-    packed = []
-    for name, message in sorted(resources.items()):
-        if names is not None and name not in names:
-            continue
-        item = any_pb2.Any()
-        item.Pack(message)
-        packed.append(item)
-    return packed

@@ -28,7 +28,7 @@ from istio.configstore import ConfigStore, EventType
 from istio.pilot.ads import DEFAULT_DEBOUNCE, AdsMetrics, AdsServer, Debounce, Generator
 from istio.pilot.debug import RegistryCollector, build_app
 from istio.pilot.mesh import ROUTING_KINDS, MeshSnapshot, default_mesh_config
-from istio.pilot.registry import Change, Registry
+from istio.pilot.registry import Change, Registry, RegistrySnapshot, dns_instances_changed
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class PilotServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
+        self._published: RegistrySnapshot | None = None
 
     # Lifecycle.
 
@@ -198,6 +199,15 @@ class PilotServer:
                 return
             change = Change.SERVICES
         registry = self.registry.snapshot()
+        if (
+            change is Change.ENDPOINTS
+            and self._published is not None
+            and dns_instances_changed(self._published, registry)
+        ):
+            # A DNS-resolved service's endpoints are inline in its STRICT_DNS cluster: an
+            # EDS-only push would never reach them.
+            change = Change.SERVICES
+        self._published = registry
         self.ads.push(
             MeshSnapshot(
                 services=registry.services,

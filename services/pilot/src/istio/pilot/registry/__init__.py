@@ -15,14 +15,14 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Protocol
 
-from istio.model import Service, ServiceInstance
+from istio.model import Resolution, Service, ServiceInstance
 
 
 class Change(enum.Enum):
     """What changed, so Pilot pushes only what it must."""
 
     SERVICES = "services"  # services or their ports: clusters, listeners, routes may change
-    ENDPOINTS = "endpoints"  # only instances: EDS alone
+    ENDPOINTS = "endpoints"  # only instances of STATIC services: EDS alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +39,20 @@ class RegistrySnapshot:
         if dict(self.services) != dict(previous.services):
             return Change.SERVICES
         if dict(self.instances) != dict(previous.instances):
-            return Change.ENDPOINTS
+            return Change.SERVICES if dns_instances_changed(previous, self) else Change.ENDPOINTS
         return None
+
+
+def dns_instances_changed(previous: RegistrySnapshot, current: RegistrySnapshot) -> bool:
+    """Did the instances of a DNS-resolved service change? Their endpoints are inline in its
+    STRICT_DNS cluster, not in an EDS assignment, so such a change needs CDS (Change.SERVICES)."""
+    for snapshot in (previous, current):
+        for hostname, service in snapshot.services.items():
+            if service.resolution is Resolution.DNS and previous.instances.get(
+                hostname
+            ) != current.instances.get(hostname):
+                return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)

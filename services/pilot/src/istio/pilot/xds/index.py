@@ -18,8 +18,8 @@ from google.protobuf.message import Message
 
 from istio.api.proxy.v1.config import dest_policy_pb2, egress_rule_pb2, route_rule_pb2
 from istio.config import Config
-from istio.model import Labels, Proxy, Service, ServiceInstance
-from istio.model.service import DEFAULT_DOMAIN
+from istio.model import Labels, Proxy, Resolution, Service, ServiceInstance
+from istio.model.service import DEFAULT_DOMAIN, parse_cluster_name
 from istio.pilot.mesh import MeshSnapshot
 
 
@@ -43,7 +43,7 @@ def egress_rule(config: Config) -> egress_rule_pb2.EgressRule:
     return cast(egress_rule_pb2.EgressRule, config.spec)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class MeshIndex:
     snapshot: MeshSnapshot
     # Route rules by destination hostname, highest precedence first (then namespace, name).
@@ -101,14 +101,62 @@ def instances_key(instances: Sequence[ServiceInstance]) -> frozenset[tuple[str, 
 
 
 _CACHE: weakref.WeakKeyDictionary[MeshSnapshot, MeshIndex] = weakref.WeakKeyDictionary()
+# The index built last (weakly: it lives only as long as its snapshot).
+_LAST: list[weakref.ref[MeshIndex]] = []
 
 
 def index_of(snapshot: MeshSnapshot) -> MeshIndex:
     index = _CACHE.get(snapshot)
     if index is None:
         index = _build(snapshot)
+        previous = _LAST[0]() if _LAST else None
+        if previous is not None:
+            _carry_over(previous, index)
         _CACHE[snapshot] = index
+        _LAST[:] = [weakref.ref(index)]
     return index
+
+
+def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
+    """When the two snapshots differ only in instances, start `index` from `previous`'s
+    shared outputs, less the assignments of the hosts whose instances changed.
+
+    Shared outputs read other services' instances only in assignments ("eds", cluster name)
+    and in DNS clusters (endpoints inline): when a changed host is not STATIC, nothing is
+    carried. Outputs that depend on the proxy's own instances have them in their keys.
+    """
+    old, new = previous.snapshot, index.snapshot
+    if old is new or not previous.shared:
+        return
+    if not (
+        (old.services is new.services or dict(old.services) == dict(new.services))
+        and (old.configs is new.configs or dict(old.configs) == dict(new.configs))
+        and (old.mesh is new.mesh or old.mesh == new.mesh)
+    ):
+        return
+    changed = {
+        host
+        for host in old.instances.keys() | new.instances.keys()
+        if old.instances.get(host) is not new.instances.get(host)
+        and old.instances.get(host) != new.instances.get(host)
+    }
+    for host in changed:
+        service = new.services.get(host)
+        if service is None or service.resolution is not Resolution.STATIC:
+            return
+    for key, messages in previous.shared.items():
+        if isinstance(key, tuple) and key[:1] == ("eds",):
+            try:
+                hostname = parse_cluster_name(str(key[1]))[2]
+            except (ValueError, IndexError):
+                continue
+            if hostname in changed:
+                continue
+        index.shared[key] = messages
+        for message in messages:
+            digest = previous.digests.get(id(message))
+            if digest is not None:
+                index.digests[id(message)] = digest
 
 
 def _build(snapshot: MeshSnapshot) -> MeshIndex:
