@@ -30,8 +30,6 @@ spec:
 {body}
 """
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -122,6 +120,8 @@ class Mesh:
 
 async def curl(*args: str) -> tuple[str, str]:
     """curl's stdout and stderr."""
+    if shutil.which("curl") is None:
+        pytest.fail("curl is missing: run `make setup` as root")
     process = await asyncio.create_subprocess_exec(
         "curl", "-sS", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )

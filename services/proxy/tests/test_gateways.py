@@ -25,8 +25,6 @@ V1, V2 = "127.0.0.44", "127.0.0.45"
 EGRESS_IP = "127.0.0.46"
 EXTERNAL_IP = "127.0.0.47"  # both external hosts resolve here; only one is allowed
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -48,6 +46,8 @@ async def workload(host: str, port: int, name: str) -> web.AppRunner:
 
 async def curl(*args: str) -> tuple[str, str]:
     """curl's stdout and the HTTP status (-w); no proxy but an explicit --proxy."""
+    if shutil.which("curl") is None:
+        pytest.fail("curl is missing: run `make setup` as root")
     no_proxy = [] if "--proxy" in args else ["--noproxy", "*"]
     process = await asyncio.create_subprocess_exec(
         "curl",

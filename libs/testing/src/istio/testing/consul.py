@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+
+from istio.testing.server import Listening, listen
 
 JSON = dict[str, Any]
 
@@ -108,8 +109,7 @@ class FakeConsul:
         self._generation = 0  # bumped by rewind: every open blocking query returns
         self._blocked = 0
         self._blocked_changed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._listener: asyncio.Server | None = None
+        self._server: Listening | None = None
         if include_consul_service:
             self.register("consul", 8300, node=node, address=HOST, service_id="consul")
 
@@ -135,34 +135,16 @@ class FakeConsul:
         app.router.add_put("/v1/catalog/register", self._register)
         app.router.add_put("/v1/catalog/deregister", self._deregister)
         app.router.add_get("/v1/status/leader", self._leader)
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        self._server = await listen(
+            app, self.host, self.port, shutdown_timeout=SHUTDOWN_TIMEOUT, handler_cancellation=True
         )
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        handlers = runner.server
-        assert handlers is not None
-        # Our own asyncio server rather than a SockSite, so that `stop` can pause accepting.
-        self._listener = await asyncio.get_running_loop().create_server(handlers, sock=sock)
-        self._runner = runner
+        self.port = self._server.port
 
     async def stop(self) -> None:
         """Stop listening and drop every connection, open blocking queries included."""
-        if self._listener is not None:
-            listener, self._listener = self._listener, None
-            # Stop accepting, then let the connections accepted already be set up before the
-            # close: asyncio 3.11 leaks a socket whose setup runs after its server closed.
-            loop = asyncio.get_running_loop()
-            for sock in listener.sockets:
-                loop.remove_reader(sock.fileno())
-            await asyncio.sleep(0)
-            listener.close()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.close()
 
     @property
     def url(self) -> str:

@@ -20,9 +20,7 @@ delta endpoint, no peer replication, no XML.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +28,8 @@ from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+
+from istio.testing.server import Listening, listen
 
 JSON = dict[str, Any]
 
@@ -66,8 +66,7 @@ class FakeEureka:
         self._apps: dict[str, dict[str, _Instance]] = {}  # APP -> instance id -> instance
         self._ids = itertools.count(1)
         self._version = 1
-        self._runner: web.AppRunner | None = None
-        self._listener: asyncio.Server | None = None
+        self._server: Listening | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -92,31 +91,13 @@ class FakeEureka:
             app.router.add_post(f"{prefix}/apps/{{app}}", self._post_instance)
             app.router.add_delete(f"{prefix}/apps/{{app}}/{{id}}", self._delete_instance)
             app.router.add_put(f"{prefix}/apps/{{app}}/{{id}}/status", self._put_status)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        handlers = runner.server
-        assert handlers is not None
-        # Our own asyncio server rather than a SockSite, so that `stop` can pause accepting.
-        self._listener = await asyncio.get_running_loop().create_server(handlers, sock=sock)
-        self._runner = runner
+        self._server = await listen(app, self.host, self.port, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        self.port = self._server.port
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            listener, self._listener = self._listener, None
-            # Stop accepting, then let the connections accepted already be set up before the
-            # close: asyncio 3.11 leaks a socket whose setup runs after its server closed.
-            loop = asyncio.get_running_loop()
-            for sock in listener.sockets:
-                loop.remove_reader(sock.fileno())
-            await asyncio.sleep(0)
-            listener.close()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.close()
 
     @property
     def url(self) -> str:

@@ -53,6 +53,7 @@ from istio.proxy.upstream import (
     Overflow,
     UpstreamConnection,
 )
+from istio.proxy.writes import CorkedWrites
 
 if TYPE_CHECKING:
     from istio.proxy.context import Context
@@ -129,7 +130,7 @@ class ProtocolError(Exception):
         self.status = status
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(CorkedWrites, asyncio.Protocol):
     """One downstream connection. `listener` fixes its HTTP connection manager; without one
     (the 15001 listener, not redirected) each request finds the listener for the port of its
     authority, which is also how absolute-form (explicit proxy) requests are served."""
@@ -160,7 +161,7 @@ class HttpConnection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.read_pauses: set[str] = set()
         self.write_paused = False
-        self.closing = False
+        self.closed = False
         self.draining = False
         self.broken = False
         self.stats: HttpStats | None = None
@@ -185,7 +186,7 @@ class HttpConnection(asyncio.Protocol):
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
+        self.closed = True
         self.pending = None
         if self.registry is not None:
             self.registry.discard(self)
@@ -199,7 +200,7 @@ class HttpConnection(asyncio.Protocol):
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
-        if self.closing or self.broken:
+        if self.closed or self.broken:
             return
         corked = self.cork()
         # request body bytes for the active exchange's upstream: one write per read, too
@@ -305,7 +306,7 @@ class HttpConnection(asyncio.Protocol):
     def _resume(self, reason: str) -> None:
         if reason in self.read_pauses:
             self.read_pauses.discard(reason)
-            if not self.read_pauses and self.transport is not None and not self.closing:
+            if not self.read_pauses and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
     def set_read_paused(self, reason: str, paused: bool) -> None:
@@ -315,7 +316,7 @@ class HttpConnection(asyncio.Protocol):
             self._resume(reason)
 
     def _arm_idle(self) -> None:
-        if self.idle_timer is None and not self.closing:
+        if self.idle_timer is None and not self.closed:
             self.idle_timer = self.loop.call_later(self.context.limits.idle_timeout, self.close)
 
     def _header_timeout(self) -> None:
@@ -340,7 +341,7 @@ class HttpConnection(asyncio.Protocol):
     def exchange_done(self, exchange: Exchange) -> None:
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()
-        if not exchange.keep_alive or self.draining or self.closing:
+        if not exchange.keep_alive or self.draining or self.closed:
             self.close()
             return
         self._resume("pipeline")
@@ -349,41 +350,16 @@ class HttpConnection(asyncio.Protocol):
         elif self.current is None:
             self._arm_idle()
 
-    def write(self, data: bytes) -> None:
-        pending = self.pending
-        if pending is not None:
-            pending.append(data)
-        elif self.transport is not None and not self.closing:
-            self.transport.write(data)
-
-    def cork(self) -> bool:
-        """Hold writes back until `uncork`, to send what one event produces (a response head
-        with its body and its end, a run of chunks) in one system call. True when this call
-        corked the connection, so the caller owns the `uncork`; False when already corked."""
-        if self.pending is not None:
-            return False
-        self.pending = []
-        return True
-
-    def uncork(self) -> None:
-        pending, self.pending = self.pending, None
-        if not pending or self.transport is None or self.closing:
-            return
-        if len(pending) == 1:
-            self.transport.write(pending[0])
-        else:
-            self.transport.writelines(pending)
-
     def close(self) -> None:
-        if self.transport is not None and not self.closing:
+        if self.transport is not None and not self.closed:
             self.uncork()
-            self.closing = True
+            self.closed = True
             self.transport.close()
 
     def reset(self) -> None:
         self.pending = None
         if self.transport is not None:
-            self.closing = True
+            self.closed = True
             self.transport.abort()
 
     def drain(self) -> None:

@@ -218,12 +218,7 @@ class MongoSniffer:
         if waiting is None:
             return
         name, started = waiting
-        command = stats.command(name)
-        command.time.observe((now - started) * 1000.0)
-        if error:
-            command.error += 1
-        else:
-            command.success += 1
+        stats.reply(name, started, now, error=error)
 
     def _fail(self) -> None:
         self.failed = True

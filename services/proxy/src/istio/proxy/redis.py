@@ -232,12 +232,7 @@ class RedisSniffer:
                 stats.count("unmatched_reply")
                 continue
             name, started = self.waiting.popleft()
-            command = stats.command(name)
-            command.time.observe((now - started) * 1000.0)
-            if error:
-                command.error += 1
-            else:
-                command.success += 1
+            stats.reply(name, started, now, error=error)
 
     def _fail(self) -> None:
         self.failed = True

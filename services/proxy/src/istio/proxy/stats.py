@@ -173,6 +173,16 @@ class ProtocolStats:
                 stats = self.commands[name] = CommandStats()
         return stats
 
+    def reply(self, name: str, started: float, now: float, *, error: bool) -> None:
+        """A reply to command `name`, sent at `started` and answered at `now` (seconds, any
+        monotonic clock): its latency and whether it failed."""
+        command = self.command(name)
+        command.time.observe((now - started) * 1000.0)
+        if error:
+            command.error += 1
+        else:
+            command.success += 1
+
 
 _CLUSTER_COUNTERS = (
     "cx_total",

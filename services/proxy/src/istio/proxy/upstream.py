@@ -27,6 +27,7 @@ import httptools
 
 from istio.proxy.config import Cluster, ClusterType, Endpoint, LbPolicy
 from istio.proxy.stats import ClusterStats, Stats
+from istio.proxy.writes import CorkedWrites
 
 Address = tuple[str, int]
 
@@ -83,7 +84,7 @@ class Resolver:
         return self.hosts.get(host.lower(), host)
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(CorkedWrites, asyncio.Protocol):
     __slots__ = (
         "_chunked",
         "_headers",
@@ -225,29 +226,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = False
         self._until_close = False
         self.write(head)
-
-    def write(self, data: bytes) -> None:
-        pending = self.pending
-        if pending is not None:
-            pending.append(data)
-        elif self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def cork(self) -> bool:
-        """Hold writes back until `uncork` (see HttpConnection.cork)."""
-        if self.pending is not None:
-            return False
-        self.pending = []
-        return True
-
-    def uncork(self) -> None:
-        pending, self.pending = self.pending, None
-        if not pending or self.transport is None or self.closed:
-            return
-        if len(pending) == 1:
-            self.transport.write(pending[0])
-        else:
-            self.transport.writelines(pending)
 
     def pause_reading(self, paused: bool) -> None:
         if self.transport is None or self.closed or paused == self.reading_paused:
