@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -22,16 +21,12 @@ import aiohttp
 import grpc
 import pytest
 
+from istio.testing.net import free_port
+
 BIN = Path(sys.executable).parent
 CLIENT = Path(__file__).with_name("grpc_xds_client.py")
 TARGET = "grpc-echo.default.svc.cluster.local:7070"
 NODE = "sidecar~127.0.0.50~client.default~default.svc.cluster.local"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 async def echo_server(host: str, name: str) -> tuple[grpc.aio.Server, int]:

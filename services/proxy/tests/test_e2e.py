@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+
+from istio.testing.net import free_port
 
 BIN = Path(sys.executable).parent
 PROXY_IP = "127.0.0.40"
@@ -29,12 +30,6 @@ spec:
   precedence: {precedence}
 {body}
 """
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 async def workload(host: str, port: int, name: str) -> web.AppRunner:

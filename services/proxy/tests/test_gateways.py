@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -19,17 +18,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from istio.testing.net import free_port
+
 BIN = Path(sys.executable).parent
 INGRESS_IP = "127.0.0.43"
 V1, V2 = "127.0.0.44", "127.0.0.45"
 EGRESS_IP = "127.0.0.46"
 EXTERNAL_IP = "127.0.0.47"  # both external hosts resolve here; only one is allowed
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 async def workload(host: str, port: int, name: str) -> web.AppRunner:

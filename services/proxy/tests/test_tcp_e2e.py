@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import datetime
 import shutil
-import socket
 import struct
 import sys
 from collections.abc import AsyncIterator
@@ -23,6 +22,8 @@ import bson
 import pymongo
 import pytest
 
+from istio.testing.net import free_port
+
 BIN = Path(sys.executable).parent
 PROXY_IP = "127.0.0.60"
 OP_REPLY, OP_QUERY, OP_MSG = 1, 2004, 2013
@@ -31,12 +32,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
     reason="redis-server and redis-cli (Debian's redis-server, redis-tools) are not installed",
 )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class MongoResponder:
