@@ -296,8 +296,9 @@ async def test_chunked_both_ways_and_100_continue(proxy: Proxy) -> None:
         b"POST / HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"zz\r\nhello\r\n0\r\n\r\n",
         b"GET / HTTP/1.1\nHost: svc\n\n",
+        b"GET / HTTP/1.1\r\nHost: other\r\nHost: svc\r\n\r\n",
     ],
-    ids=["cl-and-te", "two-lengths", "obs-fold", "bad-chunk-size", "bare-lf"],
+    ids=["cl-and-te", "two-lengths", "obs-fold", "bad-chunk-size", "bare-lf", "two-hosts"],
 )
 async def test_smuggling_gets_400_and_close_others_unharmed(proxy: Proxy, attack: bytes) -> None:
     bystander = await proxy.client()

@@ -263,6 +263,13 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
         if current is None or current.headers_done:
             return  # chunked trailers: not forwarded
         self._count_header_bytes(len(name) + len(value) + 4)
+        # Two Host headers make the authority ambiguous (RFC 9112 §3.2): refuse, as h11 does.
+        if (
+            len(name) == 4
+            and name.lower() == b"host"
+            and any(len(n) == 4 and n.lower() == b"host" for n, _ in current.headers)
+        ):
+            raise ProtocolError(400, "more than one Host header")
         current.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
