@@ -555,6 +555,19 @@ spec:
   - {{address: {SERVER_IP}, ports: {{http: {V1_PORT}}}, labels: {{app: reviews, version: v1}}}}
   - {{address: {SERVER_IP}, ports: {{http: {V2_PORT}}}, labels: {{app: reviews, version: v2}}}}
 """
+# The pod itself serves ratings on APP_PORT: its sidecar gets the inbound listener for it.
+RATINGS_ENTRY = f"""
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: ratings}}
+spec:
+  hosts: [ratings.default.svc.cluster.local]
+  ports: [{{number: {APP_PORT}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints:
+  - {{address: {POD_IP}, ports: {{http: {APP_PORT}}}, labels: {{app: ratings, version: v1}}}}
+"""
 ROUTE_RULE = """
 apiVersion: config.istio.io/v1alpha2
 kind: RouteRule
@@ -586,6 +599,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
     (tmp / "registry").mkdir()
     (tmp / "config").mkdir()
     (tmp / "registry" / "reviews.yaml").write_text(SERVICE_ENTRY)
+    (tmp / "registry" / "ratings.yaml").write_text(RATINGS_ENTRY)
     (tmp / "config" / "reviews-v2.yaml").write_text(ROUTE_RULE)
     p = Pods("mesh")
     try:
@@ -595,6 +609,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
         _run(p.ip, "-n", p.client, "route", "add", "10.231.8.0/24", "dev", "veth-pod")
         p._start(p.server, [], "server", "v1", V1_PORT)
         p._start(p.server, [], "server", "v2", V2_PORT)
+        p._start(p.client, [], "server", "ratings", APP_PORT)
         p.capture("-p", str(PROXY_PORT), "-u", str(PROXY_UID))
         bin_dir = Path(sys.executable).parent
         netns = [p.ip, "netns", "exec", p.client]
@@ -669,3 +684,14 @@ def test_real_sidecar_routes_a_captured_connection_by_route_rule(mesh: Pods) -> 
     # The sidecar's own uid is not captured: the same URL goes nowhere without it.
     proc = _curl(mesh, f"http://{VIP}:{SERVICE_PORT}/", uid=PROXY_UID)
     assert proc.returncode != 0, proc.stdout
+
+
+@needs_root
+def test_real_sidecar_serves_a_captured_inbound_connection(mesh: Pods) -> None:
+    # A caller outside the pod connects to the pod's own address. PREROUTING hands the
+    # connection to the sidecar, which finds the inbound listener by SO_ORIGINAL_DST and
+    # forwards to the app over loopback: the app sees the sidecar (127.0.0.1) as its peer,
+    # never the caller, which it would without capture.
+    for _ in range(3):
+        body = mesh.get(POD_IP, APP_PORT, ns=mesh.server)
+        assert body == {"via": "ratings", "local": f"127.0.0.1:{APP_PORT}", "peer": "127.0.0.1"}
