@@ -210,7 +210,7 @@ spec:
         )
         assert (await curl(f"{base}/reviews"))[1] == "404"  # no IngressRule matches
         # 40 connections, each a request: SO_REUSEPORT spreads them over both workers, and
-        # the first (the one serving admin) counts only the ones it accepted.
+        # the first (the one serving admin) sums its own stats and the other's.
         seen: Counter[str] = Counter()
         for _ in range(40):
             reader, writer = await asyncio.open_connection(INGRESS_IP, port)
@@ -228,7 +228,15 @@ spec:
             re.M,
         )
         assert accepted is not None, stats
-        assert 0 < int(accepted.group(1)) < 40, stats
+        assert int(accepted.group(1)) == 43, stats  # the 3 curls above and the 40
+        prometheus, _ = await curl(f"http://{INGRESS_IP}:{admin}/stats/prometheus")
+        served = re.findall(
+            r'^envoy_http_downstream_rq_xx\{envoy_http_conn_manager_prefix="[^"]+",'
+            r'envoy_response_code_class="([245])"\} (\d+)$',
+            prometheus,
+            re.M,
+        )
+        assert sorted(served) == [("2", "42"), ("4", "1"), ("5", "0")], prometheus
     finally:
         for runner in runners:
             await runner.cleanup()

@@ -21,13 +21,18 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import NoReturn
+from urllib.parse import urlsplit
 
+from istio.proxy.admin import Answer, Handler
+from istio.proxy.admin import serve as serve_admin
 from istio.proxy.agent import Agent, Node
 from istio.proxy.context import AccessLog, Context, Limits
 from istio.proxy.listeners import ListenerManager
 from istio.proxy.upstream import Resolver
+from istio.proxy.workers import STATS_FD_FLAG, Worker, merged_stats, serve_stats
+from istio.proxy.workers import spawn as spawn_workers
 
 PROG = "pilot-agent"
 PROXY_TYPES = ("sidecar", "ingress", "egress")
@@ -70,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     proxy.add_argument("--request-headers-timeout", type=float, default=10.0)
     proxy.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     proxy.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
+    proxy.add_argument(STATS_FD_FLAG, type=int, help=argparse.SUPPRESS)
     return root
 
 
@@ -94,6 +100,24 @@ def _local_ip() -> str:
         return "127.0.0.1"
 
 
+def _admin_handler(agent: Agent, context: Context, workers: list[Worker]) -> Handler:
+    """The agent's admin pages; with workers, /stats and /stats/prometheus sum them all."""
+
+    async def summed(render: str) -> Answer:
+        stats = await merged_stats(context.stats, workers)
+        if render == "/stats":
+            return 200, "text/plain", stats.text()
+        return 200, "text/plain; version=0.0.4", stats.prometheus()
+
+    def handler(method: str, target: str) -> Answer | Awaitable[Answer]:
+        path = urlsplit(target).path
+        if workers and path in ("/stats", "/stats/prometheus"):
+            return summed(path)
+        return agent.admin(method, target)
+
+    return handler
+
+
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     worker = bool(args.worker)
     reuse_port = args.concurrency > 1 or worker
@@ -111,19 +135,21 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, agent.stopped.set)
     servers: list[asyncio.Server] = []
+    workers: list[Worker] = []
+    side_tasks: list[asyncio.Task[None]] = []
+    if args.stats_fd is not None:
+        side_tasks.append(loop.create_task(serve_stats(args.stats_fd, context.stats)))
     if not worker:
         admin_host = args.bind_address
+        handler = _admin_handler(agent, context, workers)
         try:
-            servers = await agent.serve_admin(admin_host, args.admin_port, args.stats_port)
+            servers = [await serve_admin(admin_host, args.admin_port, handler)]
+            if args.stats_port and args.stats_port != args.admin_port:
+                servers.append(await serve_admin(admin_host, args.stats_port, handler))
         except OSError as error:
             print(f"{PROG}: cannot serve admin on {admin_host}: {error.strerror}", file=sys.stderr)
             return 1
-    workers = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "istio.proxy", *argv, WORKER_FLAG
-        )
-        for _ in range(args.concurrency - 1 if not worker else 0)
-    ]
+        workers += await spawn_workers(argv, args.concurrency - 1)
     runner = loop.create_task(agent.run())
     log.info("%s starting: node %s, Pilot at %s", PROG, node.id, args.discovery_address)
     ready = loop.create_task(agent.ready.wait())
@@ -135,15 +161,18 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     log.info("shutting down: draining listeners")
     for server in servers:
         server.close()
-    for process in workers:
+    for task in side_tasks:
+        task.cancel()
+    for child in workers:
         with contextlib.suppress(ProcessLookupError):
-            process.terminate()
+            child.process.terminate()
     await listeners.close()
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
-    for process in workers:
-        await process.wait()
+    for child in workers:
+        await child.process.wait()
+        child.close()
     if context.access_log is not None:
         context.access_log.flush()
     return 0

@@ -3,12 +3,17 @@ Envoy's text `/stats` and as Prometheus (`/stats/prometheus`).
 
 One `HttpStats` per HTTP connection manager (stat prefix) and one `ClusterStats` per cluster;
 the hot path does attribute increments and one bisect per request, nothing else.
+
+With `--concurrency N` every worker process keeps its own `Stats`; the admin process asks
+each for `export()` when scraped and renders the sum (`absorb`), so /stats and
+/stats/prometheus count the whole proxy, as Envoy's do across its worker threads.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
+from typing import Any
 
 # Milliseconds, Envoy's default histogram buckets.
 BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
@@ -24,6 +29,11 @@ class Histogram:
     def observe(self, milliseconds: float) -> None:
         self.counts[bisect.bisect_left(BUCKETS_MS, milliseconds)] += 1
         self.sum += milliseconds
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        for index, count in enumerate(state["counts"]):
+            self.counts[index] += count
+        self.sum += state["sum"]
 
     def cumulative(self) -> Iterator[tuple[str, int]]:
         total = 0
@@ -412,6 +422,73 @@ class Stats:
         family(name, "histogram", "Request to reply in milliseconds")
         for labels, command_stats in rows:
             histogram(name, labels, command_stats.time)
+
+    def export(self) -> dict[str, Any]:
+        """Every stat as plain JSON-able data, for `absorb` in another process."""
+        return {
+            "http": {k: _fields(v) for k, v in self.http.items()},
+            "clusters": {k: _fields(v) for k, v in self.clusters.items()},
+            "listener_cx": dict(self.listener_cx),
+            "tcp": {k: _fields(v) for k, v in self.tcp.items()},
+            "protocols": {
+                kind: {
+                    prefix: {
+                        "counters": dict(stats.counters),
+                        "commands": {n: _fields(c) for n, c in stats.commands.items()},
+                    }
+                    for prefix, stats in by_prefix.items()
+                }
+                for kind, by_prefix in self.protocols.items()
+            },
+        }
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        """Adds another process's `export()` to these stats: counters, gauges and histogram
+        buckets all sum (a gauge such as active connections is the whole proxy's)."""
+        for prefix, fields in state["http"].items():
+            _add(self.http_stats(prefix), fields)
+        for name, fields in state["clusters"].items():
+            _add(self.cluster_stats(name), fields)
+        for address, count in state["listener_cx"].items():
+            self.listener_cx[address] = self.listener_cx.get(address, 0) + count
+        for prefix, fields in state["tcp"].items():
+            _add(self.tcp_stats(prefix), fields)
+        for kind, by_prefix in state["protocols"].items():
+            for prefix, protocol in by_prefix.items():
+                stats = self.protocol_stats(kind, prefix)
+                for name, amount in protocol["counters"].items():
+                    stats.count(name, amount)
+                for name, fields in protocol["commands"].items():
+                    _add(stats.command(name), fields)
+
+
+_Record = HttpStats | ClusterStats | TcpStats | CommandStats
+
+
+def _fields(record: _Record) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in record.__slots__:
+        value = getattr(record, name)
+        if isinstance(value, Histogram):
+            value = {"counts": list(value.counts), "sum": value.sum}
+        elif isinstance(value, list):
+            value = list(value)
+        out[name] = value
+    return out
+
+
+def _add(record: _Record, fields: dict[str, Any]) -> None:
+    for name, value in fields.items():
+        if name not in record.__slots__:
+            continue  # a field a newer worker has and this process does not: never fatal
+        current = getattr(record, name)
+        if isinstance(current, Histogram):
+            current.absorb(value)
+        elif isinstance(current, list):
+            for index, amount in enumerate(value[: len(current)]):
+                current[index] += amount
+        else:
+            setattr(record, name, current + value)
 
 
 def _escape(value: str) -> str:
