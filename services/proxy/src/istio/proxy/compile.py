@@ -16,6 +16,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.config.trace.v3 import zipkin_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
@@ -29,6 +30,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2
 
 from istio.proxy import config as rt
+from istio.proxy.tracing import TracingConfig
 
 HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
@@ -43,6 +45,7 @@ TLS_TRANSPORT = "envoy.transport_sockets.tls"
 
 _HCM_TYPE = "type.googleapis.com/" + hcm.HttpConnectionManager.DESCRIPTOR.full_name
 _TCP_TYPE = "type.googleapis.com/" + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
+_ZIPKIN_TYPE = "type.googleapis.com/" + zipkin_pb2.ZipkinConfig.DESCRIPTOR.full_name
 _MONGO_TYPE = "type.googleapis.com/" + mongo_proxy_pb2.MongoProxy.DESCRIPTOR.full_name
 _FAULT_TYPE = "type.googleapis.com/" + fault_pb2.HTTPFault.DESCRIPTOR.full_name
 _DENOMINATORS = {
@@ -354,6 +357,35 @@ def _http_manager(name: str, manager: hcm.HttpConnectionManager) -> rt.HttpManag
         or manager.generate_request_id.value,
         use_remote_address=manager.use_remote_address.value,
         fault_filter=fault_filter,
+        tracing=_tracing(name, manager) if manager.HasField("tracing") else None,
+    )
+
+
+def _tracing(name: str, manager: hcm.HttpConnectionManager) -> TracingConfig:
+    """HCM `tracing` with the Zipkin provider (the only one: spans go out as Zipkin v2 JSON)."""
+    tracing = manager.tracing
+    ppm = 1_000_000
+    if tracing.HasField("random_sampling"):
+        percent = tracing.random_sampling.value
+        if not 0 <= percent <= 100:
+            raise CompileError("listener", name, f"tracing random_sampling {percent} not in 0-100")
+        ppm = round(percent * 10_000)
+    provider = tracing.provider
+    if provider.typed_config.type_url != _ZIPKIN_TYPE:
+        raise CompileError("listener", name, f"unsupported tracer {provider.name or '(none)'}")
+    zipkin = zipkin_pb2.ZipkinConfig()
+    provider.typed_config.Unpack(zipkin)
+    if zipkin.collector_endpoint_version != zipkin_pb2.ZipkinConfig.HTTP_JSON:
+        raise CompileError("listener", name, "zipkin collector_endpoint_version must be HTTP_JSON")
+    if not zipkin.collector_cluster:
+        raise CompileError("listener", name, "zipkin collector_cluster is empty")
+    return TracingConfig(
+        sampling_ppm=ppm,
+        collector_cluster=zipkin.collector_cluster,
+        collector_endpoint=zipkin.collector_endpoint or "/api/v2/spans",
+        trace_id_128bit=zipkin.trace_id_128bit,
+        shared_span_context=not zipkin.HasField("shared_span_context")
+        or zipkin.shared_span_context.value,
     )
 
 

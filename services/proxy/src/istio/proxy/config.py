@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from istio.proxy.tracing import TracingConfig
+
 DEFAULT_ROUTE_TIMEOUT = 15.0
 _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 
@@ -300,6 +302,7 @@ class HttpManager:
     generate_request_id: bool = True
     use_remote_address: bool = False
     fault_filter: bool = True
+    tracing: TracingConfig | None = None  # spans for this manager's requests (Zipkin)
 
 
 DEFAULT_TCP_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy default

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from istio.proxy.config import Snapshot
 from istio.proxy.stats import Stats
+from istio.proxy.tracing import Tracer, post_json
 from istio.proxy.upstream import ClusterManager, Resolver
 
 
@@ -58,6 +59,7 @@ class Context:
         limits: Limits | None = None,
         resolver: Resolver | None = None,
         access_log: AccessLog | None = None,
+        service_name: str = "istio-proxy",
     ) -> None:
         self.snapshot = Snapshot()
         self.stats = Stats()
@@ -65,9 +67,21 @@ class Context:
         self.clusters = ClusterManager(self.stats, self.resolver)
         self.limits = limits or Limits()
         self.access_log = access_log
+        # Spans go to the collector cluster a connection manager's tracing names, through
+        # this proxy's own view of that cluster's hosts.
+        self.tracer = Tracer(self._send_spans, service_name)
 
     def apply(self, snapshot: Snapshot) -> None:
         """Make `snapshot` current: clusters first, so that no request routed by the new
         snapshot finds its cluster missing."""
         self.clusters.apply(snapshot.clusters, snapshot.endpoints)
         self.snapshot = snapshot
+
+    async def _send_spans(self, cluster_name: str, path: str, body: bytes) -> None:
+        cluster = self.clusters.clusters.get(cluster_name)
+        if cluster is None:
+            raise LookupError(f"no cluster {cluster_name}")
+        host = cluster.pick()
+        if host is None:
+            raise LookupError(f"cluster {cluster_name} has no healthy host")
+        await post_json(host.address[0], host.address[1], path, body)

@@ -46,6 +46,7 @@ from istio.proxy.config import (
     RouteAction,
     VirtualHost,
 )
+from istio.proxy.tracing import B3_HEADERS, Span, propagate, start_span
 from istio.proxy.upstream import (
     ClusterRuntime,
     ConnectFailure,
@@ -431,6 +432,7 @@ class Exchange:
         "response_status",
         "route",
         "sent_index",
+        "span",
         "started",
         "status",
         "table_headers",
@@ -489,6 +491,7 @@ class Exchange:
         self.route: Route | None = None
         self.mirrored = False
         self.request_id = ""
+        self.span: Span | None = None
         self.head_request = False
         self.authority = ""
         self.path = ""
@@ -664,6 +667,10 @@ class Exchange:
                 self.request_id = value.decode("latin-1")
         if not self.request_id and manager.generate_request_id:
             self.request_id = request_id()
+        if manager.tracing is not None:
+            listener = conn.listener
+            outbound = listener is None or not listener.inbound
+            self.span = start_span(manager.tracing, self.headers, outbound=outbound)
         table = manager.routes
         if table is None and manager.rds is not None:
             table = context.snapshot.routes.get(manager.rds)
@@ -819,6 +826,10 @@ class Exchange:
         ]
         has_request_id = has_proto = False
         forwarded_for = b""
+        span = self.span
+        if span is not None:  # the span's B3 headers replace the caller's
+            removed |= B3_HEADERS
+            lines += [b"%b: %b\r\n" % header for header in propagate(span, ())]
         for name, value in self.headers:
             lower = name.lower()
             if (
@@ -1106,6 +1117,8 @@ class Exchange:
             conn.stats.completed(self.status, elapsed_ms)
         if self.cluster is not None and self.status:
             self.cluster.stats.completed(self.status, elapsed_ms)
+        if self.span is not None:
+            self._finish_span()
         self._log()
         if (
             self.task is not None
@@ -1124,6 +1137,29 @@ class Exchange:
             self.active_request = False
             self.cluster.active_requests -= 1
             self.cluster.stats.rq_active -= 1
+
+    def _finish_span(self) -> None:
+        span, manager = self.span, self.manager
+        if span is None or manager is None or manager.tracing is None or not span.sampled:
+            return
+        span.name = f"{self.authority}{self.path.partition('?')[0]}"[:256]
+        tags = {
+            "http.method": self.method.decode("latin-1"),
+            "http.url": f"http://{self.authority}{self.path}"[:256],
+            "http.protocol": f"HTTP/{self.version}",
+            "http.status_code": str(self.status),
+            "upstream_cluster": self.cluster_name or "-",
+            "response_flags": self.flags or "-",
+            "request_size": str(self.bytes_received),
+            "response_size": str(self.bytes_sent),
+            "component": "proxy",
+        }
+        if self.request_id:
+            tags["guid:x-request-id"] = self.request_id
+        if self.status >= 500 or not self.status:
+            tags["error"] = "true"
+        span.tags = tags
+        self.conn.context.tracer.finish(manager.tracing, span)
 
     def _log(self) -> None:
         access_log = self.conn.context.access_log

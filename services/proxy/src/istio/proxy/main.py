@@ -69,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
     proxy.add_argument("--concurrency", type=int, default=1, help="worker processes")
     proxy.add_argument("--meta", type=meta, action="append", default=[], help="node metadata")
     proxy.add_argument("--domain", default="", help="default: <namespace>.svc.cluster.local")
+    proxy.add_argument(
+        "--service-cluster",
+        default="istio-proxy",
+        help="the service name this proxy's trace spans carry (Envoy's --service-cluster)",
+    )
     proxy.add_argument("--hosts-file", default=os.environ.get("MESH_HOSTS_FILE"))
     proxy.add_argument("--access-log", default="/dev/stdout", help="a path, - or off")
     proxy.add_argument("--drain-seconds", type=float, default=5.0)
@@ -127,6 +132,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ),
         resolver=Resolver.from_file(args.hosts_file),
         access_log=AccessLog.open(args.access_log),
+        service_name=args.service_cluster,
     )
     listeners = ListenerManager(context, args.bind_address, reuse_port=reuse_port)
     node = Node(node_id(args), dict(args.meta))
@@ -163,6 +169,9 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         server.close()
     for task in side_tasks:
         task.cancel()
+    with contextlib.suppress(Exception):  # the last spans, if the collector is there
+        await asyncio.wait_for(context.tracer.flush(), 2.0)
+    context.tracer.close()
     for child in workers:
         with contextlib.suppress(ProcessLookupError):
             child.process.terminate()

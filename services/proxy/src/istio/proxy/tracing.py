@@ -51,15 +51,14 @@ Header = tuple[bytes, bytes]
 
 @dataclass(frozen=True, slots=True)
 class TracingConfig:
-    """One connection manager's tracing, from its `tracing` and the Zipkin provider."""
+    """One connection manager's tracing, from its `tracing` and the Zipkin provider. Whether
+    its spans are CLIENT or SERVER spans comes from the listener's traffic direction."""
 
-    outbound: bool  # CLIENT spans (outbound, gateways); False: SERVER spans (inbound)
     sampling_ppm: int = 1_000_000  # random_sampling, in millionths (Envoy's default 100%)
     collector_cluster: str = ""
     collector_endpoint: str = "/api/v2/spans"
     trace_id_128bit: bool = False
     shared_span_context: bool = True
-    service_name: str = "istio-proxy"
 
 
 @dataclass(slots=True)
@@ -99,9 +98,14 @@ def _header(headers: Sequence[Header], name: bytes) -> bytes | None:
 
 
 def start_span(
-    config: TracingConfig, headers: Sequence[Header], *, now_us: int | None = None
+    config: TracingConfig,
+    headers: Sequence[Header],
+    *,
+    outbound: bool,
+    now_us: int | None = None,
 ) -> Span:
-    """The span this proxy records for a request with `headers` (in any case, as they came)."""
+    """The span this proxy records for a request with `headers` (in any case, as they came):
+    a CLIENT span when `outbound` (sidecar outbound, gateways), else a SERVER span."""
     trace_id = _valid_id(_header(headers, TRACE_ID), 16, 32)
     caller_span = _valid_id(_header(headers, SPAN_ID), 16) if trace_id else None
     caller_parent = _valid_id(_header(headers, PARENT_SPAN_ID), 16) if caller_span else None
@@ -117,9 +121,9 @@ def start_span(
     start = now_us if now_us is not None else time.time_ns() // 1000
     if trace_id is None:
         trace_id = _new_id(128 if config.trace_id_128bit else 64)
-    if not config.outbound and caller_span is not None and config.shared_span_context:
+    if not outbound and caller_span is not None and config.shared_span_context:
         return Span(trace_id, caller_span, caller_parent, "SERVER", True, sampled, debug, start)
-    kind = "CLIENT" if config.outbound else "SERVER"
+    kind = "CLIENT" if outbound else "SERVER"
     return Span(trace_id, _new_id(), caller_span, kind, False, sampled, debug, start)
 
 
@@ -169,9 +173,12 @@ class Tracer:
     BATCH = 100
     FLUSH_INTERVAL = 1.0
 
-    def __init__(self, send: Callable[[str, str, bytes], Any]) -> None:
+    def __init__(
+        self, send: Callable[[str, str, bytes], Any], service_name: str = "istio-proxy"
+    ) -> None:
         # send(cluster, path, body) -> awaitable that posts one batch (see `post_json`)
         self._send = send
+        self.service_name = service_name  # Zipkin's localEndpoint, Envoy's --service-cluster
         self._queue: deque[tuple[str, str, dict[str, Any]]] = deque(maxlen=self.MAX_QUEUED)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -185,7 +192,7 @@ class Tracer:
         end = end_us if end_us is not None else time.time_ns() // 1000
         if len(self._queue) == self.MAX_QUEUED:
             self.dropped += 1
-        body = zipkin_json(span, end - span.start_us, config.service_name)
+        body = zipkin_json(span, end - span.start_us, self.service_name)
         self._queue.append((config.collector_cluster, config.collector_endpoint, body))
         if self._task is None:
             self._wake = asyncio.Event()
