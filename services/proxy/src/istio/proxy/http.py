@@ -166,6 +166,8 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
         self.draining = False
         self.broken = False
         self.stats: HttpStats | None = None
+        # After a 101: the exchange whose tunnel carries this connection's bytes, raw.
+        self.tunnel: Exchange | None = None
 
     # asyncio.Protocol
 
@@ -201,6 +203,9 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.tunnel_from_downstream(data)
+            return
         if self.closed or self.broken:
             return
         corked = self.cork()
@@ -216,13 +221,16 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
             else:
                 log.exception("request callback failed", exc_info=cause)
                 self._protocol_error(500, "internal error")
-        except httptools.HttpParserUpgrade:
-            # Upgrades are not tunnelled yet: the request was forwarded without its Upgrade
-            # headers; nothing after it on this connection is HTTP we can parse, so stop.
+        except httptools.HttpParserUpgrade as error:
+            # An Upgrade (or CONNECT) request: what follows it on this connection is not
+            # HTTP. Reading stops until the exchange opens its tunnel or answers and closes;
+            # bytes that came along are kept for the tunnel.
             self.broken = True
             self._pause("upgrade")
             if self.queue:
-                self.queue[-1].keep_alive = False
+                upgrading = self.queue[-1]
+                upgrading.keep_alive = False
+                upgrading.upgrade_early = [data[error.args[0] :]] if len(error.args) else []
         except httptools.HttpParserError as error:
             self._protocol_error(400, str(error))
         finally:
@@ -440,6 +448,8 @@ class Exchange:
         "task",
         "timed_out",
         "timer",
+        "tunneled",
+        "upgrade_early",
         "upstream",
         "upstream_address",
         "upstream_host",
@@ -492,6 +502,8 @@ class Exchange:
         self.mirrored = False
         self.request_id = ""
         self.span: Span | None = None
+        self.upgrade_early: list[bytes] | None = None  # set: an Upgrade request (its bytes)
+        self.tunneled = False
         self.head_request = False
         self.authority = ""
         self.path = ""
@@ -575,6 +587,9 @@ class Exchange:
     def abort(self, reason: str) -> None:
         """The client went away."""
         if self.finished:
+            return
+        if self.tunneled:
+            self._close_tunnel()
             return
         self.finished = True
         if self.task is not None:
@@ -690,6 +705,10 @@ class Exchange:
             return
         if isinstance(action, DirectResponse):
             self.local_reply(action.status, action.body)
+            return
+        if self.upgrade_early is not None and not self._upgrade_allowed(action):
+            # Envoy's answer to an upgrade its route does not enable (upgrade_failed)
+            self.local_reply(403, "upgrade failed", flags="UPE")
             return
         fault = route.fault if manager.fault_filter else None
         if fault is not None:
@@ -853,6 +872,8 @@ class Exchange:
             lines.append(b"x-request-id: %b\r\n" % self.request_id.encode())
         if not has_proto:
             lines.append(b"x-forwarded-proto: http\r\n")
+        if self.upgrade_early is not None:
+            lines.append(b"connection: upgrade\r\nupgrade: %b\r\n" % self._upgrade_type())
         if self.manager is not None and self.manager.use_remote_address and self.conn.peer:
             lines.append(b"x-forwarded-for: %b%b\r\n" % (forwarded_for, self.conn.peer.encode()))
         host_headers = self.virtual_host.headers_to_add if self.virtual_host else ()
@@ -954,6 +975,9 @@ class Exchange:
             self._end_response()
 
     def on_upstream_reset(self, reason: str) -> None:
+        if self.tunneled:
+            self._close_tunnel()
+            return
         waiter = self.attempt_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result("protocol-error" if "protocol" in reason else "reset")
@@ -987,6 +1011,9 @@ class Exchange:
 
     def _commit(self) -> None:
         """Write the upstream's response head to the client, then what body came with it."""
+        if self.response_status == 101 and self.upgrade_early is not None:
+            self._open_tunnel()
+            return
         self.committed = True
         self.status = self.response_status
         no_body = self.head_request or self.status in (204, 304)
@@ -1184,6 +1211,77 @@ class Exchange:
                 "downstream_remote_address": self.conn.peer,
             }
         )
+
+    # upgrades (WebSocket): after a 101, both connections carry raw bytes
+
+    def _upgrade_type(self) -> bytes:
+        for name, value in self.headers:
+            if name.lower() == b"upgrade":
+                return value
+        return b""
+
+    def _upgrade_allowed(self, action: RouteAction) -> bool:
+        return action.websocket and self._upgrade_type().strip().lower() == b"websocket"
+
+    def _open_tunnel(self) -> None:
+        upstream = self.upstream
+        conn = self.conn
+        self.committed = True
+        self.status = 101
+        if upstream is None or upstream.closed or conn.closed:
+            self.flags = "UC"
+            self._complete(reset=True)
+            return
+        if self.timer is not None:  # the route timeout ends with the upgrade
+            self.timer.cancel()
+            self.timer = None
+        lines = [status_line(101)]
+        upgrade = b""
+        for name, value in self.response_head:
+            lower = name.lower()
+            if lower == b"upgrade":
+                upgrade = value
+            elif lower not in HOP_BY_HOP:
+                lines.append(b"%b: %b\r\n" % (name, value))
+        lines.append(b"connection: upgrade\r\nupgrade: %b\r\n\r\n" % upgrade)
+        self.tunneled = True
+        conn.tunnel = self
+        conn.write(b"".join(lines))
+        for chunk in upstream.tunnel_open(self):
+            self.tunnel_from_upstream(chunk)
+        for chunk in self.upgrade_early or ():
+            self.tunnel_from_downstream(chunk)
+        self.upgrade_early = []
+        conn.broken = False
+        conn.set_read_paused("upgrade", False)
+
+    def tunnel_from_downstream(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and data:
+            self.bytes_received += len(data)
+            upstream.write(data)
+
+    def tunnel_from_upstream(self, data: bytes) -> None:
+        if data:
+            self.bytes_sent += len(data)
+            self.conn.write(data)
+
+    def _close_tunnel(self) -> None:
+        """Either side closed: the other is closed after what it was sent, and the exchange
+        is logged with its bytes."""
+        if self.finished:
+            return
+        self.tunneled = False
+        self.conn.tunnel = None
+        upstream, self.upstream = self.upstream, None
+        if self.upstream_host is not None:
+            self.upstream_host.active -= 1
+            self.upstream_host = None
+        if upstream is not None:
+            upstream.detach()
+            upstream.close()
+        self.keep_alive = False
+        self._complete()
 
     # mirroring
 

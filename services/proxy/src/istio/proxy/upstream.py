@@ -63,6 +63,12 @@ class UpstreamHandler(Protocol):
     def uncork(self) -> None: ...
 
 
+class TunnelEnd(Protocol):
+    """Where an upgraded (101) connection's bytes go once its tunnel is open."""
+
+    def tunnel_from_upstream(self, data: bytes) -> None: ...
+
+
 class Resolver:
     """Names to addresses: a hosts file first (the local platform's override), then DNS."""
 
@@ -103,6 +109,8 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
         "response_started",
         "skip",
         "transport",
+        "tunnel",
+        "upgraded",
     )
 
     def __init__(self, cluster: ClusterRuntime, host: HostState) -> None:
@@ -123,6 +131,8 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
         self._length: int | None = None
         self._chunked = False
         self._until_close = False
+        self.upgraded: list[bytes] | None = None  # after a 101: raw bytes not yet tunnelled
+        self.tunnel: TunnelEnd | None = None  # after the tunnel opened: all bytes go here
 
     # asyncio.Protocol
 
@@ -147,6 +157,13 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
             handler.on_upstream_reset("upstream connection closed")
 
     def data_received(self, data: bytes) -> None:
+        if self.upgraded is not None:
+            if self.tunnel is not None:
+                self.tunnel.tunnel_from_upstream(data)
+            else:  # the 101 is on its way to the client: hold these, and read no more
+                self.upgraded.append(data)
+                self.pause_reading(True)
+            return
         handler = self.handler
         if handler is None:
             self.close()  # nothing was asked: a broken or hostile upstream
@@ -155,6 +172,10 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
         corked = handler.cork()
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as error:
+            # A 101: what follows is the upgraded protocol's, for the tunnel.
+            self.upgraded = [data[error.args[0] :]] if len(error.args) else []
+            self.pause_reading(True)
         except httptools.HttpParserError as error:
             current, self.handler = self.handler, None
             self.close()
@@ -210,6 +231,8 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
         if self.skip:
             self.skip = False
             return
+        if self.parser.get_status_code() == 101:
+            return  # not the end: the connection becomes the tunnel (HttpParserUpgrade next)
         handler, self.handler = self.handler, None
         if not self.parser.should_keep_alive():
             self.close()
@@ -226,6 +249,14 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
         self.response_started = False
         self._until_close = False
         self.write(head)
+
+    def tunnel_open(self, handler: TunnelEnd) -> list[bytes]:
+        """From now on every byte read goes to `handler.tunnel_from_upstream`; returns what
+        came after the 101 before the tunnel opened."""
+        early, self.upgraded = self.upgraded or [], []
+        self.tunnel = handler
+        self.pause_reading(False)
+        return early
 
     def pause_reading(self, paused: bool) -> None:
         if self.transport is None or self.closed or paused == self.reading_paused:
