@@ -181,6 +181,25 @@ async def test_default_route_by_host_and_as_explicit_proxy(mesh: Mesh) -> None:
     assert all(entry["request_id"] for entry in log)
 
 
+async def test_connect_tunnels_to_mesh_hosts_only(mesh: Mesh) -> None:
+    await mesh.start()
+    # curl asks for a tunnel (CONNECT reviews:9080), then speaks HTTP through it to the
+    # workload itself: bytes the proxy passes on without reading them.
+    proxy = ("--proxytunnel", "--proxy", f"http://{PROXY_IP}:15001")
+    out, err = await curl(*proxy, "http://reviews:9080/tunnelled")
+    assert out.split()[:2] in (["v1", "/tunnelled"], ["v2", "/tunnelled"]), err
+    out, err = await curl(*proxy, "http://nowhere.example.test:9080/")
+    assert "CONNECT tunnel failed, response 404" in err, (out, err)
+    await mesh.stop()
+    log = [json.loads(line) for line in (mesh.tmp / "access.log").read_text().splitlines()]
+    assert [(e["method"], e["response_code"], e["authority"]) for e in log] == [
+        ("CONNECT", 200, "reviews:9080"),
+        ("CONNECT", 404, "nowhere.example.test:9080"),
+    ]
+    assert log[0]["bytes_received"] > 0
+    assert log[0]["bytes_sent"] > 0
+
+
 async def test_weighted_split_header_match_and_fault_abort(mesh: Mesh) -> None:
     mesh.apply(
         "split",

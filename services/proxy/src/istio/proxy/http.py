@@ -664,7 +664,7 @@ class Exchange:
         context = conn.context
         self.authority, self.path = self._authority_and_path()
         if self.method == b"CONNECT":
-            self.local_reply(405, "CONNECT is not supported by this proxy yet")
+            await self._connect_tunnel()
             return
         port = split_authority(self.authority)[1] if self.authority else 80
         manager, self.listener_name = conn.manager(port)
@@ -1223,11 +1223,12 @@ class Exchange:
     def _upgrade_allowed(self, action: RouteAction) -> bool:
         return action.websocket and self._upgrade_type().strip().lower() == b"websocket"
 
-    def _open_tunnel(self) -> None:
+    def _open_tunnel(self, head: bytes | None = None) -> None:
+        """The response that opens a tunnel (a 101, or `head` for CONNECT), then raw bytes."""
         upstream = self.upstream
         conn = self.conn
         self.committed = True
-        self.status = 101
+        self.status = self.response_status
         if upstream is None or upstream.closed or conn.closed:
             self.flags = "UC"
             self._complete(reset=True)
@@ -1235,18 +1236,20 @@ class Exchange:
         if self.timer is not None:  # the route timeout ends with the upgrade
             self.timer.cancel()
             self.timer = None
-        lines = [status_line(101)]
-        upgrade = b""
-        for name, value in self.response_head:
-            lower = name.lower()
-            if lower == b"upgrade":
-                upgrade = value
-            elif lower not in HOP_BY_HOP:
-                lines.append(b"%b: %b\r\n" % (name, value))
-        lines.append(b"connection: upgrade\r\nupgrade: %b\r\n\r\n" % upgrade)
+        if head is None:
+            lines = [status_line(101)]
+            upgrade = b""
+            for name, value in self.response_head:
+                lower = name.lower()
+                if lower == b"upgrade":
+                    upgrade = value
+                elif lower not in HOP_BY_HOP:
+                    lines.append(b"%b: %b\r\n" % (name, value))
+            lines.append(b"connection: upgrade\r\nupgrade: %b\r\n\r\n" % upgrade)
+            head = b"".join(lines)
         self.tunneled = True
         conn.tunnel = self
-        conn.write(b"".join(lines))
+        conn.write(head)
         for chunk in upstream.tunnel_open(self):
             self.tunnel_from_upstream(chunk)
         for chunk in self.upgrade_early or ():
@@ -1254,6 +1257,59 @@ class Exchange:
         self.upgrade_early = []
         conn.broken = False
         conn.set_read_paused("upgrade", False)
+
+    async def _connect_tunnel(self) -> None:
+        """CONNECT host:port, as an explicit proxy: allowed when the listener for that port
+        has a route for that authority (a mesh service or an EgressRule's host), tunnelled
+        as plain TCP to the host the route's cluster picks."""
+        conn = self.conn
+        self.authority = self.target.decode("latin-1")
+        self.path = ""
+        host_name, port = split_authority(self.authority, 443)
+        if not host_name or self.upgrade_early is None:
+            self.local_reply(400, "CONNECT needs an authority-form target host:port")
+            return
+        manager, self.listener_name = conn.manager(port)
+        self.manager = manager
+        table = None
+        if manager is not None:
+            table = manager.routes
+            if table is None and manager.rds is not None:
+                table = conn.context.snapshot.routes.get(manager.rds)
+        selected = table.select(self.authority, "/", _NO_HEADERS) if table is not None else None
+        action = selected[1].action if selected is not None else None
+        if not isinstance(action, RouteAction):
+            self.local_reply(404, "", flags="NR")
+            return
+        self.virtual_host, self.route = selected if selected is not None else (None, None)
+        self.cluster_name = action.pick_cluster(action.next_draw())
+        cluster = conn.context.clusters.clusters.get(self.cluster_name)
+        if cluster is None:
+            self.local_reply(503, f"cluster {self.cluster_name} not found", flags="NC")
+            return
+        self.cluster = cluster
+        original = (conn.context.resolver.resolve(host_name), port)
+        host = cluster.pick(original)
+        if host is None:
+            self.local_reply(503, "no healthy upstream", flags="UH")
+            return
+        try:
+            upstream = await cluster.connect_tunnel(host)
+        except ConnectFailure as error:
+            self.local_reply(503, f"upstream connect error: {error}", flags="UF")
+            return
+        if self.finished or conn.closed:
+            upstream.close()
+            return
+        self.upstream = upstream
+        self.upstream_host = host
+        self.upstream_address = f"{host.address[0]}:{host.address[1]}"
+        host.active += 1
+        upstream.handler = self  # write pauses and its close reach this exchange
+        upstream.upgraded = []
+        self.response_head = []
+        self.response_status = 200
+        self._open_tunnel(b"HTTP/1.1 200 Connection established\r\n\r\n")
 
     def tunnel_from_downstream(self, data: bytes) -> None:
         upstream = self.upstream

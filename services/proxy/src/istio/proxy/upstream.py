@@ -439,14 +439,19 @@ class ClusterRuntime:
                 return handed
         return await self._connect(host)
 
-    async def _connect(self, host: HostState) -> UpstreamConnection:
+    async def connect_tunnel(self, host: HostState) -> UpstreamConnection:
+        """A new connection for a CONNECT tunnel: counted like any, never pooled, and plain
+        TCP whatever the cluster originates (the client speaks its own TLS through it)."""
+        return await self._connect(host, plain=True)
+
+    async def _connect(self, host: HostState, *, plain: bool = False) -> UpstreamConnection:
         self.connections += 1
         self.stats.cx_total += 1
         self.stats.cx_active += 1
         name, port = host.address
         tls = None
         server_hostname = None
-        if self.config.tls_sni is not None:
+        if self.config.tls_sni is not None and not plain:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             tls = self._ssl
