@@ -23,23 +23,24 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import wrappers_pb2 as google_dot_protobuf_dot_wrappers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*istio/api/proxy/v1/config/proxy_mesh.proto\x12\x15istio.proxy.v1.config\x1a\x1egoogle/protobuf/duration.proto\"\xa0\x04\n\x0bProxyConfig\x12\x13\n\x0b\x63onfig_path\x18\x01 \x01(\t\x12\x13\n\x0b\x62inary_path\x18\x02 \x01(\t\x12\x17\n\x0fservice_cluster\x18\x03 \x01(\t\x12\x31\n\x0e\x64rain_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x18parent_shutdown_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11\x64iscovery_address\x18\x06 \x01(\t\x12:\n\x17\x64iscovery_refresh_delay\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0ezipkin_address\x18\x08 \x01(\t\x12\x32\n\x0f\x63onnect_timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12statsd_udp_address\x18\n \x01(\t\x12\x18\n\x10proxy_admin_port\x18\x0b \x01(\x05\x12\x19\n\x11\x61vailability_zone\x18\x0c \x01(\t\x12N\n\x19\x63ontrol_plane_auth_policy\x18\r \x01(\x0e\x32+.istio.proxy.v1.config.AuthenticationPolicy\x12\x1a\n\x12\x63ustom_config_file\x18\x0e \x01(\t\"\xb4\x05\n\nMeshConfig\x12\x1c\n\x14\x65gress_proxy_address\x18\x01 \x01(\t\x12\x15\n\rmixer_address\x18\x02 \x01(\t\x12\x1d\n\x15\x64isable_policy_checks\x18\x03 \x01(\x08\x12\x19\n\x11proxy_listen_port\x18\x04 \x01(\x05\x12\x17\n\x0fproxy_http_port\x18\x05 \x01(\x05\x12\x32\n\x0f\x63onnect_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\ringress_class\x18\x07 \x01(\t\x12\x17\n\x0fingress_service\x18\x08 \x01(\t\x12X\n\x17ingress_controller_mode\x18\t \x01(\x0e\x32\x37.istio.proxy.v1.config.MeshConfig.IngressControllerMode\x12\x41\n\x0b\x61uth_policy\x18\n \x01(\x0e\x32,.istio.proxy.v1.config.MeshConfig.AuthPolicy\x12\x34\n\x11rds_refresh_delay\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0e\x65nable_tracing\x18\x0c \x01(\x08\x12\x17\n\x0f\x61\x63\x63\x65ss_log_file\x18\r \x01(\t\x12:\n\x0e\x64\x65\x66\x61ult_config\x18\x0e \x01(\x0b\x32\".istio.proxy.v1.config.ProxyConfig\x12\x17\n\x0fmtls_permissive\x18\x64 \x01(\x08\"9\n\x15IngressControllerMode\x12\x07\n\x03OFF\x10\x00\x12\x0b\n\x07\x44\x45\x46\x41ULT\x10\x01\x12\n\n\x06STRICT\x10\x02\"&\n\nAuthPolicy\x12\x08\n\x04NONE\x10\x00\x12\x0e\n\nMUTUAL_TLS\x10\x01*0\n\x14\x41uthenticationPolicy\x12\x08\n\x04NONE\x10\x00\x12\x0e\n\nMUTUAL_TLS\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*istio/api/proxy/v1/config/proxy_mesh.proto\x12\x15istio.proxy.v1.config\x1a\x1egoogle/protobuf/duration.proto\x1a\x1egoogle/protobuf/wrappers.proto\"\xa0\x04\n\x0bProxyConfig\x12\x13\n\x0b\x63onfig_path\x18\x01 \x01(\t\x12\x13\n\x0b\x62inary_path\x18\x02 \x01(\t\x12\x17\n\x0fservice_cluster\x18\x03 \x01(\t\x12\x31\n\x0e\x64rain_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x18parent_shutdown_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11\x64iscovery_address\x18\x06 \x01(\t\x12:\n\x17\x64iscovery_refresh_delay\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0ezipkin_address\x18\x08 \x01(\t\x12\x32\n\x0f\x63onnect_timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12statsd_udp_address\x18\n \x01(\t\x12\x18\n\x10proxy_admin_port\x18\x0b \x01(\x05\x12\x19\n\x11\x61vailability_zone\x18\x0c \x01(\t\x12N\n\x19\x63ontrol_plane_auth_policy\x18\r \x01(\x0e\x32+.istio.proxy.v1.config.AuthenticationPolicy\x12\x1a\n\x12\x63ustom_config_file\x18\x0e \x01(\t\"\xea\x05\n\nMeshConfig\x12\x1c\n\x14\x65gress_proxy_address\x18\x01 \x01(\t\x12\x15\n\rmixer_address\x18\x02 \x01(\t\x12\x1d\n\x15\x64isable_policy_checks\x18\x03 \x01(\x08\x12\x19\n\x11proxy_listen_port\x18\x04 \x01(\x05\x12\x17\n\x0fproxy_http_port\x18\x05 \x01(\x05\x12\x32\n\x0f\x63onnect_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\ringress_class\x18\x07 \x01(\t\x12\x17\n\x0fingress_service\x18\x08 \x01(\t\x12X\n\x17ingress_controller_mode\x18\t \x01(\x0e\x32\x37.istio.proxy.v1.config.MeshConfig.IngressControllerMode\x12\x41\n\x0b\x61uth_policy\x18\n \x01(\x0e\x32,.istio.proxy.v1.config.MeshConfig.AuthPolicy\x12\x34\n\x11rds_refresh_delay\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0e\x65nable_tracing\x18\x0c \x01(\x08\x12\x17\n\x0f\x61\x63\x63\x65ss_log_file\x18\r \x01(\t\x12:\n\x0e\x64\x65\x66\x61ult_config\x18\x0e \x01(\x0b\x32\".istio.proxy.v1.config.ProxyConfig\x12\x17\n\x0fmtls_permissive\x18\x64 \x01(\x08\x12\x34\n\x0etrace_sampling\x18\x65 \x01(\x0b\x32\x1c.google.protobuf.DoubleValue\"9\n\x15IngressControllerMode\x12\x07\n\x03OFF\x10\x00\x12\x0b\n\x07\x44\x45\x46\x41ULT\x10\x01\x12\n\n\x06STRICT\x10\x02\"&\n\nAuthPolicy\x12\x08\n\x04NONE\x10\x00\x12\x0e\n\nMUTUAL_TLS\x10\x01*0\n\x14\x41uthenticationPolicy\x12\x08\n\x04NONE\x10\x00\x12\x0e\n\nMUTUAL_TLS\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'istio.api.proxy.v1.config.proxy_mesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUTHENTICATIONPOLICY']._serialized_start=1343
-  _globals['_AUTHENTICATIONPOLICY']._serialized_end=1391
-  _globals['_PROXYCONFIG']._serialized_start=102
-  _globals['_PROXYCONFIG']._serialized_end=646
-  _globals['_MESHCONFIG']._serialized_start=649
-  _globals['_MESHCONFIG']._serialized_end=1341
-  _globals['_MESHCONFIG_INGRESSCONTROLLERMODE']._serialized_start=1244
-  _globals['_MESHCONFIG_INGRESSCONTROLLERMODE']._serialized_end=1301
-  _globals['_MESHCONFIG_AUTHPOLICY']._serialized_start=1303
-  _globals['_MESHCONFIG_AUTHPOLICY']._serialized_end=1341
+  _globals['_AUTHENTICATIONPOLICY']._serialized_start=1429
+  _globals['_AUTHENTICATIONPOLICY']._serialized_end=1477
+  _globals['_PROXYCONFIG']._serialized_start=134
+  _globals['_PROXYCONFIG']._serialized_end=678
+  _globals['_MESHCONFIG']._serialized_start=681
+  _globals['_MESHCONFIG']._serialized_end=1427
+  _globals['_MESHCONFIG_INGRESSCONTROLLERMODE']._serialized_start=1330
+  _globals['_MESHCONFIG_INGRESSCONTROLLERMODE']._serialized_end=1387
+  _globals['_MESHCONFIG_AUTHPOLICY']._serialized_start=1389
+  _globals['_MESHCONFIG_AUTHPOLICY']._serialized_end=1427
 # @@protoc_insertion_point(module_scope)

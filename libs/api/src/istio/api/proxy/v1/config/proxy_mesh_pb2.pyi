@@ -8,6 +8,7 @@ they carry, as in Istio 0.2. Duration fields are written like "1s" or "500ms".
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import wrappers_pb2 as _wrappers_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -189,6 +190,7 @@ class MeshConfig(_message.Message):
     ACCESS_LOG_FILE_FIELD_NUMBER: _builtins.int
     DEFAULT_CONFIG_FIELD_NUMBER: _builtins.int
     MTLS_PERMISSIVE_FIELD_NUMBER: _builtins.int
+    TRACE_SAMPLING_FIELD_NUMBER: _builtins.int
     egress_proxy_address: _builtins.str
     """host:port of the egress proxy (e.g. istio-egress:80)."""
     mixer_address: _builtins.str
@@ -232,6 +234,12 @@ class MeshConfig(_message.Message):
     def default_config(self) -> Global___ProxyConfig:
         """Default settings for every proxy; a proxy's own flags override them."""
 
+    @_builtins.property
+    def trace_sampling(self) -> _wrappers_pb2.DoubleValue:
+        """Beyond 0.2: the percentage (0-100) of requests without a sampling decision that start a
+        sampled trace, with enable_tracing. Default (unset) 100, as 0.2's Envoy sampled every one.
+        """
+
     def __init__(
         self,
         *,
@@ -250,10 +258,11 @@ class MeshConfig(_message.Message):
         access_log_file: _builtins.str = ...,
         default_config: Global___ProxyConfig | None = ...,
         mtls_permissive: _builtins.bool = ...,
+        trace_sampling: _wrappers_pb2.DoubleValue | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_timeout", b"connect_timeout", "default_config", b"default_config", "rds_refresh_delay", b"rds_refresh_delay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_timeout", b"connect_timeout", "default_config", b"default_config", "rds_refresh_delay", b"rds_refresh_delay", "trace_sampling", b"trace_sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_log_file", b"access_log_file", "auth_policy", b"auth_policy", "connect_timeout", b"connect_timeout", "default_config", b"default_config", "disable_policy_checks", b"disable_policy_checks", "egress_proxy_address", b"egress_proxy_address", "enable_tracing", b"enable_tracing", "ingress_class", b"ingress_class", "ingress_controller_mode", b"ingress_controller_mode", "ingress_service", b"ingress_service", "mixer_address", b"mixer_address", "mtls_permissive", b"mtls_permissive", "proxy_http_port", b"proxy_http_port", "proxy_listen_port", b"proxy_listen_port", "rds_refresh_delay", b"rds_refresh_delay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_log_file", b"access_log_file", "auth_policy", b"auth_policy", "connect_timeout", b"connect_timeout", "default_config", b"default_config", "disable_policy_checks", b"disable_policy_checks", "egress_proxy_address", b"egress_proxy_address", "enable_tracing", b"enable_tracing", "ingress_class", b"ingress_class", "ingress_controller_mode", b"ingress_controller_mode", "ingress_service", b"ingress_service", "mixer_address", b"mixer_address", "mtls_permissive", b"mtls_permissive", "proxy_http_port", b"proxy_http_port", "proxy_listen_port", b"proxy_listen_port", "rds_refresh_delay", b"rds_refresh_delay", "trace_sampling", b"trace_sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
