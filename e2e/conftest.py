@@ -14,21 +14,33 @@ import pytest
 
 from istio.platform.driver import percentile
 from istio.platform.local.driver import LocalDriver
+from istio.testing import zipkin as zipkin_collector
 
 NETWORK = "127.0.1"
 # External hosts the egress scenario serves on loopback; the platform maps them in its hosts file.
 EXTERNAL = {"allowed.e2e.test": f"{NETWORK}.200", "blocked.e2e.test": f"{NETWORK}.201"}
 EXTERNAL_PORT = 18080
+# The Zipkin collector every proxy of the mesh sends its spans to.
+ZIPKIN = (f"{NETWORK}.202", 9411)
 
 _drivers: list[LocalDriver] = []
 
 
 @pytest.fixture(scope="session")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDriver]:
+def zipkin() -> Iterator[zipkin_collector.Collector]:
+    with zipkin_collector.serve(*ZIPKIN) as collector:
+        yield collector
+
+
+@pytest.fixture(scope="session")
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory, zipkin: zipkin_collector.Collector
+) -> Iterator[LocalDriver]:
     driver = LocalDriver(
         tmp_path_factory.mktemp("mesh"),
         network=NETWORK,
         hosts=EXTERNAL,
+        zipkin_address=f"{ZIPKIN[0]}:{ZIPKIN[1]}",
     )
     _drivers.append(driver)
     try:

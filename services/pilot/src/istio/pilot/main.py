@@ -32,6 +32,7 @@ from istio.pilot.mesh import default_mesh_config
 from istio.pilot.registry import Registry
 from istio.pilot.registry.aggregate import AggregateRegistry
 from istio.pilot.server import PilotServer, split_host_port
+from istio.pilot.xds import tracing
 from istio.pilot.xds.generate import generate
 
 PROG = "pilot-discovery"
@@ -160,6 +161,10 @@ def load_mesh_config(path: Path | None) -> proxy_mesh_pb2.MeshConfig:
     if problems:
         located = [p.located(source=str(path)) for p in problems]
         raise StartupError("; ".join(str(p) for p in located))
+    try:
+        tracing.validate(mesh)
+    except tracing.TracingConfigError as error:
+        raise StartupError(f"{path}: {error}") from None
     return mesh
 
 

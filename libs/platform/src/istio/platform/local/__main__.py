@@ -38,6 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME=IP",
         help="add NAME to the proxies' hosts file; repeatable",
     )
+    parser.add_argument(
+        "--zipkin-address",
+        default=os.environ.get("ZIPKIN_ADDRESS", ""),
+        metavar="HOST:PORT",
+        help="a Zipkin collector: every proxy sends it spans (default $ZIPKIN_ADDRESS; off)",
+    )
     args = parser.parse_args(argv)
     try:
         layout = Layout(
@@ -47,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.pilot_http_port,
             args.ingress_port,
             parse_hosts(args.host),
+            zipkin_address=args.zipkin_address,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -63,8 +63,11 @@ class LocalDriver:
         *,
         network: str = "127.0.1",
         hosts: Mapping[str, str] | None = None,
+        zipkin_address: str = "",
     ) -> None:
-        self.layout = Layout(mesh_dir, network, extra_hosts=dict(hosts or {}))
+        self.layout = Layout(
+            mesh_dir, network, extra_hosts=dict(hosts or {}), zipkin_address=zipkin_address
+        )
         self.propagation: list[float] = []
         self._applied: list[Path] = []
         self._process: subprocess.Popen[str] | None = None
@@ -94,6 +97,8 @@ class LocalDriver:
         ]
         for name, address in sorted(self.layout.extra_hosts.items()):
             argv += ["--host", f"{name}={address}"]
+        if self.layout.zipkin_address:
+            argv += ["--zipkin-address", self.layout.zipkin_address]
         return argv
 
     def deploy_bookinfo(self) -> None:

@@ -76,6 +76,8 @@ class Layout:
     pilot_http_port: int = 15014
     ingress_port: int = 8080
     extra_hosts: Mapping[str, str] = field(default_factory=dict)
+    # host:port of a Zipkin collector: tracing on (every request sampled), else off
+    zipkin_address: str = ""
 
     def __post_init__(self) -> None:
         parts = self.network.split(".")
@@ -163,6 +165,19 @@ class Layout:
     @property
     def hosts_file(self) -> Path:
         return self.mesh_dir / "hosts"
+
+    @property
+    def mesh_config_file(self) -> Path:
+        """The MeshConfig Pilot reads (`--mesh-config`), rewritten at every start."""
+        return self.mesh_dir / "mesh.yaml"
+
+    def mesh_config(self) -> dict[str, Any]:
+        """MeshConfig fields, as the `mesh` config map held them in 0.2."""
+        config: dict[str, Any] = {}
+        if self.zipkin_address:
+            config["enableTracing"] = True
+            config["defaultConfig"] = {"zipkinAddress": self.zipkin_address}
+        return config
 
     @property
     def pid_file(self) -> Path:

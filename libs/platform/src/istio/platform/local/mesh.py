@@ -35,6 +35,7 @@ from istio.platform.local.layout import (
     Layout,
     Workload,
     ingress_rules,
+    write_atomically,
     write_hosts,
     write_registry,
 )
@@ -119,6 +120,7 @@ class LocalMesh:
             )
         write_registry(layout, layout.workloads)
         write_hosts(layout)
+        write_atomically(layout.mesh_config_file, yaml.safe_dump(layout.mesh_config()))
 
     def _check_not_running(self) -> None:
         state = read_state(self.layout.pid_file)
@@ -163,6 +165,8 @@ class LocalMesh:
                 layout.pilot_grpc,
                 "--http-addr",
                 layout.pilot_http,
+                "--mesh-config",
+                str(layout.mesh_config_file.resolve()),
             ],
             logs / "pilot.log",
         )
@@ -203,7 +207,14 @@ class LocalMesh:
             Child(
                 "ingress",
                 "ingress",
-                self._agent("ingress", layout.ingress_ip, layout.ingress_node_id, "ingress"),
+                self._agent(
+                    "ingress",
+                    layout.ingress_ip,
+                    layout.ingress_node_id,
+                    "ingress",
+                    "--service-cluster",
+                    "istio-ingress",
+                ),
                 logs / "ingress.log",
             )
         )
@@ -473,6 +484,8 @@ def sidecar_argv(layout: Layout, w: Workload) -> list[str]:
         f"APP_PORTS={w.service_port}:{w.app_port}",
         "--meta",
         f"APP_HOST={w.ip}",
+        "--service-cluster",
+        w.app,
     )
 
 

@@ -9,11 +9,11 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from istio.api.proxy.v1.config import ingress_rule_pb2
+from istio.api.proxy.v1.config import ingress_rule_pb2, proxy_mesh_pb2
 from istio.config import Config
 from istio.model import Protocol, Proxy
 from istio.model.service import Direction, cluster_name
-from istio.pilot.xds import listeners
+from istio.pilot.xds import listeners, tracing
 from istio.pilot.xds.index import MeshIndex, destination_host, egress_rule
 from istio.pilot.xds.routes import route_match, service_routes
 
@@ -105,7 +105,12 @@ def _narrowed(outer: rc.RouteMatch, inner: rc.RouteMatch) -> rc.RouteMatch:
 
 def ingress_listeners(index: MeshIndex) -> list[listener_pb2.Listener]:
     return [
-        listeners.gateway_listener(f"ingress_{port}", port, f"ingress_{port}")
+        listeners.gateway_listener(
+            f"ingress_{port}",
+            port,
+            f"ingress_{port}",
+            tracing=tracing.connection_manager_tracing(index.snapshot.mesh),
+        )
         for port in ingress_ports(index)
     ]
 
@@ -144,7 +149,7 @@ def egress_route_configuration(index: MeshIndex) -> route_pb2.RouteConfiguration
     )
 
 
-def egress_listeners(proxy: Proxy) -> list[listener_pb2.Listener]:
+def egress_listeners(proxy: Proxy, mesh: proxy_mesh_pb2.MeshConfig) -> list[listener_pb2.Listener]:
     """The egress gateway listens on GATEWAY_PORTS from its node metadata (80 by default, as
     0.2's istio-egress; the local platform uses 15002)."""
     ports = [
@@ -153,6 +158,11 @@ def egress_listeners(proxy: Proxy) -> list[listener_pb2.Listener]:
         if p.strip().isdigit()
     ]
     return [
-        listeners.gateway_listener(f"egress_{port}", port, EGRESS_ROUTE_CONFIG)
+        listeners.gateway_listener(
+            f"egress_{port}",
+            port,
+            EGRESS_ROUTE_CONFIG,
+            tracing=tracing.connection_manager_tracing(mesh),
+        )
         for port in sorted(set(ports))
     ]

@@ -18,7 +18,7 @@ from istio.model import NodeType, Proxy, ServiceInstance
 from istio.pilot.mesh import MeshSnapshot
 from istio.pilot.xds import clusters as cds
 from istio.pilot.xds import endpoints as eds
-from istio.pilot.xds import gateways, grpc, listeners, resources, routes
+from istio.pilot.xds import gateways, grpc, listeners, resources, routes, tracing
 from istio.pilot.xds.index import MeshIndex, index_of, instances_key
 
 
@@ -68,11 +68,13 @@ def generate(snapshot: MeshSnapshot, proxy: Proxy) -> resources.Resources:
             resources.CLUSTER: index.cached(
                 ("egress", "cds"), lambda: list(cds.egress_clusters(index))
             ),
-            resources.LISTENER: list(gateways.egress_listeners(proxy)),
+            resources.LISTENER: list(gateways.egress_listeners(proxy, snapshot.mesh)),
             resources.ROUTE: index.cached(
                 ("egress", "rds"), lambda: [gateways.egress_route_configuration(index)]
             ),
         }
+    if not proxy.is_grpc:  # spans go to the collector while tracing is on
+        by_type[resources.CLUSTER] = [*by_type[resources.CLUSTER], *_collector(index)]
     by_type[resources.ENDPOINT] = [
         _assignment(index, c.name)  # type: ignore[attr-defined]
         for c in by_type[resources.CLUSTER]
@@ -128,6 +130,14 @@ def _name(message: Message) -> str:
 
 def _assignment(index: MeshIndex, name: str) -> Message:
     return index.cached(("eds", name), lambda: [eds.load_assignment(index, name)])[0]
+
+
+def _collector(index: MeshIndex) -> list[Message]:
+    def build() -> list[Message]:
+        cluster = tracing.zipkin_cluster(index.snapshot.mesh)
+        return [cluster] if cluster is not None else []
+
+    return index.cached(("zipkin",), build)
 
 
 def _blackhole() -> cluster_pb2.Cluster:

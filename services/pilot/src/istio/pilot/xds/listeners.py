@@ -23,6 +23,7 @@ from istio.config.duration import parse_duration
 from istio.model import Labels, Protocol, Proxy, ServiceInstance
 from istio.model.service import Direction, Port, cluster_name
 from istio.pilot.xds import common
+from istio.pilot.xds import tracing as trace_settings
 from istio.pilot.xds.index import MeshIndex, destination_policy, egress_rule, policy_for
 
 VIRTUAL_LISTENER = "virtualOutbound"
@@ -49,6 +50,7 @@ def connection_manager(
     rds: str | None = None,
     route_config: route_pb2.RouteConfiguration | None = None,
     gateway: bool = False,
+    tracing: hcm.HttpConnectionManager.Tracing | None = None,
 ) -> hcm.HttpConnectionManager:
     manager = hcm.HttpConnectionManager(
         stat_prefix=stat_prefix,
@@ -57,6 +59,8 @@ def connection_manager(
         generate_request_id={"value": True},
         use_remote_address={"value": gateway},
     )
+    if tracing is not None:
+        manager.tracing.CopyFrom(tracing)
     if rds is not None:
         manager.rds.config_source.CopyFrom(common.ads())
         manager.rds.route_config_name = rds
@@ -167,7 +171,11 @@ def outbound_listeners(index: MeshIndex) -> list[listener_pb2.Listener]:
                 filter_chains=[
                     _chain(
                         common.HTTP_CONNECTION_MANAGER,
-                        connection_manager(f"outbound_{port}", rds=str(port)),
+                        connection_manager(
+                            f"outbound_{port}",
+                            rds=str(port),
+                            tracing=trace_settings.connection_manager_tracing(index.snapshot.mesh),
+                        ),
                     )
                 ],
             )
@@ -234,7 +242,11 @@ def inbound_listeners(
             )
             chain = _chain(
                 common.HTTP_CONNECTION_MANAGER,
-                connection_manager(f"inbound_{port}", route_config=route_config),
+                connection_manager(
+                    f"inbound_{port}",
+                    route_config=route_config,
+                    tracing=trace_settings.connection_manager_tracing(mesh),
+                ),
             )
         else:
             chain = tcp_chain(
@@ -271,16 +283,24 @@ def inbound_listeners(
     return listeners
 
 
-def gateway_listener(name: str, port: int, route_config: str) -> listener_pb2.Listener:
-    """A gateway's bound HTTP listener (ingress and egress are the proxy as a gateway)."""
+def gateway_listener(
+    name: str,
+    port: int,
+    route_config: str,
+    tracing: hcm.HttpConnectionManager.Tracing | None = None,
+) -> listener_pb2.Listener:
+    """A gateway's bound HTTP listener (ingress and egress are the proxy as a gateway).
+    OUTBOUND, as Istio marks gateway listeners: a gateway calls into the mesh (or out of it)
+    on behalf of its clients, so its trace spans are CLIENT spans that the callee's sidecar
+    shares; the root of a trace that enters at the ingress."""
     return listener_pb2.Listener(
         name=name,
         address=common.socket_address("0.0.0.0", port),
-        traffic_direction=base_pb2.TrafficDirection.INBOUND,
+        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
         filter_chains=[
             _chain(
                 common.HTTP_CONNECTION_MANAGER,
-                connection_manager(name, rds=route_config, gateway=True),
+                connection_manager(name, rds=route_config, gateway=True, tracing=tracing),
             )
         ],
     )
