@@ -93,9 +93,9 @@ clean:
 # loopback (tools/bench/pilot_bench.py; BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 20"),
 # and the proxy against haproxy with wrk (tools/bench/proxy_bench.py; PROXY_BENCH_ARGS).
 # What is measured and the figures: docs/benchmarks.md.
-# The proxy benchmark needs wrk and haproxy (installed here when run as root).
-.PHONY: bench bench-pilot bench-proxy
-bench: bench-pilot bench-proxy
+# The proxy benchmarks need wrk, haproxy and iperf3 (installed here when run as root).
+.PHONY: bench bench-pilot bench-proxy bench-tcp
+bench: bench-pilot bench-proxy bench-tcp
 
 bench-pilot: venv
 	$(PY) tools/bench/pilot_bench.py $(BENCH_ARGS)
@@ -105,3 +105,9 @@ bench-proxy: venv
 		[ "$$(id -u)" = 0 ] || { echo "bench: $$tool is missing: run as root or apt-get install $$tool" >&2; exit 1; }; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$tool >/dev/null; }; done
 	$(PY) tools/bench/proxy_bench.py $(PROXY_BENCH_ARGS)
+
+bench-tcp: venv
+	@for tool in wrk haproxy iperf3; do command -v $$tool >/dev/null || { \
+		[ "$$(id -u)" = 0 ] || { echo "bench: $$tool is missing: run as root or apt-get install $$tool" >&2; exit 1; }; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$tool >/dev/null; }; done
+	$(PY) tools/bench/tcp_bench.py $(TCP_BENCH_ARGS)
