@@ -695,7 +695,7 @@ async def pilot_main(options: argparse.Namespace) -> int:
     from istio.config import parse_object
     from istio.configstore import open_store
     from istio.pilot.server import PilotServer
-    from istio.pilot.xds.generate import generate
+    from istio.pilot.xds.generate import endpoint_changes, generate
 
     services, instances = build_registry(options)
     registry = BenchRegistry(services, instances)
@@ -703,7 +703,7 @@ async def pilot_main(options: argparse.Namespace) -> int:
     store = open_store(f"file://{work / 'config'}")
     for i in range(options.rules):
         await store.create(parse_object(rule_document(i, options)))
-    server = PilotServer(registry, store, generate)
+    server = PilotServer(registry, store, generate, endpoint_changes=endpoint_changes)
     built = time.monotonic()
     await server.start("127.0.0.1:0", "127.0.0.1:0")
     await asyncio.wait_for(server.wait_ready(), options.timeout)

@@ -475,22 +475,106 @@ async def test_named_subscriptions_for_eds_and_rds(harness: Harness) -> None:
     await client.ack(reviews_only, [REVIEWS_CLUSTER, RATINGS_CLUSTER])
     both = await client.read()
     assert both.type_url == ENDPOINT
-    assert names_of(both) == [RATINGS_CLUSTER, REVIEWS_CLUSTER]
+    # Only what the proxy does not hold yet: it keeps reviews' (EDS is named, so a response
+    # may carry a part of the subscription).
+    assert names_of(both) == [RATINGS_CLUSTER]
     assert both.version_info != reviews_only.version_info
 
     await client.request(ROUTE, ["9080", "missing"])
     routes = await client.read()
     assert names_of(routes) == ["9080"]
 
-    # Only a subscribed name's change moves the version a proxy sees.
+    # Only a subscribed name's change moves the version a proxy sees. Dropping a name
+    # is answered with nothing new.
     await client.ack(both, [REVIEWS_CLUSTER])
-    assert names_of(await client.read()) == [REVIEWS_CLUSTER]
+    assert names_of(await client.read()) == []
     sent = harness.sent(ENDPOINT)
     harness.ads.push(
         mesh([REVIEWS, RATINGS], {R: ["10.1.0.1"], RT: ["10.1.0.7"]}), Change.ENDPOINTS
     )
     await harness.ads.wait_idle()
     assert harness.sent(ENDPOINT) == sent
+
+
+async def test_an_endpoint_change_sends_only_the_changed_assignment(harness: Harness) -> None:
+    client = await harness.connect(SIDECAR_A)
+    await client.request(ROUTE, ["9080"])
+    await client.read()
+    await client.request(ENDPOINT, [REVIEWS_CLUSTER, RATINGS_CLUSTER])
+    first = await client.read()
+    assert names_of(first) == [RATINGS_CLUSTER, REVIEWS_CLUSTER]
+    await client.ack(first, [REVIEWS_CLUSTER, RATINGS_CLUSTER])
+    await client.barrier(harness.ads)
+    harness.ads.push(
+        mesh([REVIEWS, RATINGS], {R: ["10.1.0.1"], RT: ["10.1.0.2", "10.1.0.9"]}),
+        Change.ENDPOINTS,
+    )
+    update = await client.read()
+    assert names_of(update) == [RATINGS_CLUSTER]
+    assert update.version_info != first.version_info
+    # A new stream of the same proxy (a reconnect) gets everything again.
+    again = await harness.connect(SIDECAR_A)
+    await again.request(ENDPOINT, [REVIEWS_CLUSTER, RATINGS_CLUSTER])
+    assert names_of(await again.read()) == [RATINGS_CLUSTER, REVIEWS_CLUSTER]
+
+
+async def test_endpoint_only_pushes_use_the_generators_delta_without_generating() -> None:
+    generated: list[str] = []
+
+    def counting(snapshot: MeshSnapshot, proxy: Proxy) -> Resources:
+        generated.append(proxy.node_id)
+        return generate(snapshot, proxy)
+
+    def changes(old: MeshSnapshot, new: MeshSnapshot) -> dict[str, tuple[Any, bytes]]:
+        changed = {}
+        for host in new.instances.keys() | old.instances.keys():
+            if old.instances.get(host) != new.instances.get(host):
+                name = f"outbound|9080||{host}"
+                message = generate(new, Proxy.parse(SIDECAR_A)).of(ENDPOINT)[name]
+                changed[name] = (message, message.SerializeToString(deterministic=True))
+        return changed
+
+    initial = mesh([REVIEWS, RATINGS], {R: ["10.1.0.1"], RT: ["10.1.0.2"]})
+    ads = AdsServer(
+        counting, debounce=Debounce(quiet=0.02, max_delay=1.0), endpoint_changes=changes
+    )
+    ads.push(initial, Change.SERVICES)
+    server = grpc.aio.server()
+    ads.add_to(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        harness = Harness(ads, CollectorRegistry(), channel)
+        client = await harness.connect(SIDECAR_A)
+        await client.request(ROUTE, ["9080"])
+        await client.read()
+        await client.request(ENDPOINT, [REVIEWS_CLUSTER, RATINGS_CLUSTER])
+        first = await client.read()
+        await client.ack(first, [REVIEWS_CLUSTER, RATINGS_CLUSTER])
+        await client.barrier(ads)
+        before = len(generated)
+        ads.push(
+            mesh([REVIEWS, RATINGS], {R: ["10.1.0.1", "10.1.0.5"], RT: ["10.1.0.2"]}),
+            Change.ENDPOINTS,
+        )
+        update = await client.read()
+        assert names_of(update) == [REVIEWS_CLUSTER]
+        assert len(generated) == before  # the proxy's config was not generated again
+        await client.ack(update, [REVIEWS_CLUSTER, RATINGS_CLUSTER])
+        await client.barrier(ads)
+        (stream,) = ads.streams
+        assert stream.types[ENDPOINT].acked_version == update.version_info
+        # The same content again: nothing to send.
+        ads.push(
+            mesh([REVIEWS, RATINGS], {R: ["10.1.0.1", "10.1.0.5"], RT: ["10.1.0.2"]}),
+            Change.ENDPOINTS,
+        )
+        await ads.wait_idle()
+        assert stream.types[ENDPOINT].sent_version == update.version_info
+    finally:
+        await channel.close()
+        await server.stop(None)
 
 
 async def test_debounce_coalesces_a_burst_into_one_push() -> None:
@@ -578,22 +662,16 @@ def test_resources_are_packed_once_per_flush_and_shared() -> None:
     ads = AdsServer(generate)
     one = cluster_pb2.Cluster(name="one")
     two = cluster_pb2.Cluster(name="two", alt_stat_name="x")
-    generated = Resources(
-        MappingProxyType({CLUSTER: {"one": one, "two": two}}),
-        MappingProxyType({CLUSTER: {"one": b"d1", "two": b"d2"}}),
-    )
-    first = ads._pack(CLUSTER, {"one": one, "two": two}, None, generated)
-    second = ads._pack(CLUSTER, {"one": one}, None, generated)
+    digests = {"one": b"d1", "two": b"d2"}
+    first = ads._pack(CLUSTER, {"one": one, "two": two}, None, digests)
+    second = ads._pack(CLUSTER, {"one": one}, None, digests)
     assert second[0] is first[0]
     assert [item.type_url for item in first] == [CLUSTER, CLUSTER]
-    assert ads._pack(CLUSTER, {"two": two}, frozenset({"two"}), generated)[0] is first[1]
-    unknown = ads._pack(CLUSTER, {"one": one}, None, None)
+    assert ads._pack(CLUSTER, {"two": two}, frozenset({"two"}), digests)[0] is first[1]
+    unknown = ads._pack(CLUSTER, {"one": one}, None, {})
     assert unknown[0] is not first[0]
     assert unknown[0] == first[0]
-    changed = Resources(
-        MappingProxyType({CLUSTER: {"one": two}}), MappingProxyType({CLUSTER: {"one": b"d3"}})
-    )
-    assert ads._pack(CLUSTER, {"one": two}, None, changed)[0] is not first[0]
+    assert ads._pack(CLUSTER, {"one": two}, None, {"one": b"d3"})[0] is not first[0]
 
 
 async def test_equal_subscriptions_share_one_set(harness: Harness) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import itertools
 import json
 import logging
@@ -54,6 +55,9 @@ from istio.pilot.xds.resources import (
 log = logging.getLogger(__name__)
 
 Generator = Callable[[MeshSnapshot, Proxy], Resources]
+# For an endpoint-only change from one snapshot to the next: the assignments that may have
+# changed, by cluster name, with their content digests (None: not known, compare them all).
+EndpointChanges = Callable[[MeshSnapshot, MeshSnapshot], Mapping[str, tuple[Any, bytes]] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,12 @@ class TypeState:
     last_nack: Nack | None = None
     # What the last response carried, by name (kept for clusters: make-before-break).
     sent: Mapping[str, Any] = field(default_factory=dict)
+    # EDS and RDS: the content digest of every resource the proxy holds, by name. Responses
+    # of these types carry only the resources whose digest moved (state of the world allows
+    # it for types the client names: it keeps the others).
+    held: Mapping[str, bytes] = field(default_factory=dict)
+    # False while `held` is the generator's own digests mapping (shared, never written).
+    held_owned: bool = False
 
 
 # Envoy's messages (xds-protos ships no type stubs).
@@ -168,6 +178,8 @@ class ProxyStream:
         self._nonces = itertools.count(1)
         self._resources: Resources | None = None
         self._generated_from: MeshSnapshot | None = None
+        # The snapshot whose endpoints the proxy holds (what an endpoint-only push diffs from).
+        self._endpoints_from: MeshSnapshot | None = None
 
     @property
     def node_id(self) -> str:
@@ -200,8 +212,12 @@ class AdsServer:
         *,
         debounce: Debounce = DEFAULT_DEBOUNCE,
         metrics: AdsMetrics | None = None,
+        endpoint_changes: EndpointChanges | None = None,
     ) -> None:
         self._generate = generate
+        self._endpoint_changes = endpoint_changes
+        # Set by an endpoint-only flush: (previous snapshot, current one, changed assignments).
+        self._endpoint_delta: tuple[MeshSnapshot, MeshSnapshot, Mapping[str, Any]] | None = None
         self._debounce = debounce
         self.metrics = metrics or AdsMetrics(CollectorRegistry())
         self._snapshot: MeshSnapshot | None = None
@@ -223,6 +239,11 @@ class AdsServer:
         self._anys: dict[tuple[str, str, bytes], any_pb2.Any] = {}
         # Equal subscriptions (most proxies ask for the same names) share one frozenset.
         self._subscriptions: dict[frozenset[str], frozenset[str]] = {}
+        # What moved between two shared digest mappings (held, now), per flush: the objects
+        # are kept in the entry, so their ids are not reused while it lives.
+        self._diffs: dict[
+            tuple[int, int], tuple[Mapping[str, bytes], Mapping[str, bytes], list[str]]
+        ] = {}
 
     @property
     def snapshot(self) -> MeshSnapshot | None:
@@ -265,7 +286,12 @@ class AdsServer:
         self._flushed.set()
         if snapshot is None:
             return
-        self._snapshot = snapshot
+        previous, self._snapshot = self._snapshot, snapshot
+        self._endpoint_delta = None
+        if changes == {Change.ENDPOINTS} and previous is not None and self._endpoint_changes:
+            delta = self._endpoint_changes(previous, snapshot)
+            if delta is not None:
+                self._endpoint_delta = (previous, snapshot, delta)
         # What lives now (the config every proxy holds) moves out of the cyclic collector's
         # generations, so its collections during the push do not walk it all again; garbage
         # cycles among it are freed by one full collection once pushes have been idle a while.
@@ -277,6 +303,7 @@ class AdsServer:
         self._packed = {}
         self._anys = {}
         self._subscriptions = {}
+        self._diffs = {}
         self.flushes += 1
         types = (ENDPOINT,) if changes == {Change.ENDPOINTS} else PUSH_ORDER
         since = loop.time()
@@ -405,6 +432,17 @@ class AdsServer:
     ) -> list[_Response]:
         """Responses for those of `types` the stream subscribed to whose version moved (or
         that are `forced`: a first request or a changed subscription), in PUSH_ORDER."""
+        if types == {ENDPOINT} and not forced:
+            delta = self._endpoint_delta
+            state = stream.types.get(ENDPOINT)
+            if (
+                delta is not None
+                and state is not None
+                and state.sent_nonce
+                and stream._endpoints_from is delta[0]
+                and delta[1] is self._snapshot
+            ):
+                return self._respond_endpoint_delta(stream, state, delta[1], delta[2])
         resources = self._resources_for(stream)
         if resources is None:
             return []
@@ -413,6 +451,11 @@ class AdsServer:
         for type_url in PUSH_ORDER:
             state = stream.types.get(type_url)
             if type_url not in types or state is None:
+                continue
+            if type_url in NAMED_TYPES:
+                response = self._named_response(stream, state, type_url, resources, forced)
+                if response is not None:
+                    responses.append(response)
                 continue
             version = resources.version(type_url, state.names)
             if version == state.sent_version and type_url not in forced:
@@ -448,6 +491,95 @@ class AdsServer:
             responses.append(final_clusters)
         return responses
 
+    def _named_response(
+        self,
+        stream: ProxyStream,
+        state: TypeState,
+        type_url: str,
+        resources: Resources,
+        forced: set[str],
+    ) -> _Response | None:
+        """EDS or RDS from a full generation: the subscribed resources whose digest differs
+        from what the proxy holds (all of them the first time), or None when none does and
+        nothing forces an answer."""
+        current = resources.of(type_url)
+        digests = resources.digests.get(type_url, {})
+        names = state.names
+        held = state.held
+        changed: dict[str, Any] = {}
+        now: Mapping[str, bytes]
+        if len(digests) == len(current) and (names is None or names.issuperset(current.keys())):
+            # The usual case: the proxy wants all of them. What it will hold is the
+            # generator's digests mapping itself, shared rather than copied.
+            if held is digests:
+                pass  # the very mapping the proxy holds: nothing changed
+            elif not state.held_owned and held:
+                # Both shared: every proxy moving between the same two parts shares one diff.
+                key = (id(held), id(digests))
+                diff = self._diffs.get(key)
+                if diff is None or diff[0] is not held or diff[1] is not digests:
+                    moved = [name for name, d in digests.items() if held.get(name) != d]
+                    diff = self._diffs[key] = (held, digests, moved)
+                changed = {name: current[name] for name in diff[2]}
+            else:
+                changed = {n: current[n] for n, d in digests.items() if held.get(n) != d}
+            now = digests
+            state.held_owned = False
+        else:
+            wanted = current.keys() if names is None else names & current.keys()
+            owned: dict[str, bytes] = {}
+            for name in wanted:
+                digest = digests.get(name)
+                if digest is None:
+                    digest = resources.digest(type_url, name)
+                owned[name] = digest
+                if held.get(name) != digest:
+                    changed[name] = current[name]
+            now = owned
+            state.held_owned = True
+        state.held = now
+        if type_url == ENDPOINT:
+            stream._endpoints_from = stream._generated_from
+        if not changed and type_url not in forced:
+            return None
+        version = resources.version(type_url, names)
+        if len(changed) == len(now):  # everything: the packing is shared by version
+            return self._response(stream, state, type_url, version, changed, digests=now)
+        return self._response(stream, state, type_url, version, changed, shared=False, digests=now)
+
+    def _respond_endpoint_delta(
+        self,
+        stream: ProxyStream,
+        state: TypeState,
+        snapshot: MeshSnapshot,
+        delta: Mapping[str, tuple[Any, bytes]],
+    ) -> list[_Response]:
+        """An endpoint-only push without generating the proxy's config again: of the
+        assignments that may have changed, those the proxy subscribes to and holds another
+        version of. The version moves on from the last one sent (a chain, not a content hash:
+        the proxy's other assignments are unchanged and not looked at)."""
+        stream._endpoints_from = snapshot
+        names = state.names
+        if not state.held_owned:  # shared with the generator's output: copy before writing
+            state.held = dict(state.held)
+            state.held_owned = True
+        held = state.held
+        assert isinstance(held, dict)
+        changed: dict[str, Any] = {}
+        digests: dict[str, bytes] = {}
+        digest = hashlib.sha256(state.sent_version.encode())
+        for name, (message, content) in delta.items():
+            if (names is None or name in names) and held.get(name) != content:
+                changed[name] = message
+                held[name] = digests[name] = content
+                digest.update(name.encode() + b"\0" + content)
+        if not changed:
+            return []
+        version = digest.hexdigest()[:16]
+        return [
+            self._response(stream, state, ENDPOINT, version, changed, shared=False, digests=digests)
+        ]
+
     def _response(
         self,
         stream: ProxyStream,
@@ -457,6 +589,7 @@ class AdsServer:
         current: Mapping[str, Any],
         *,
         shared: bool = True,
+        digests: Mapping[str, bytes] | None = None,
     ) -> _Response:
         """A response for the stream; `shared` packings are cached by (type, version), a
         content hash, for every stream that gets the same content."""
@@ -464,7 +597,9 @@ class AdsServer:
         state.sent_nonce = stream._next_nonce()
         packed = self._packed.get((type_url, version)) if shared else None
         if packed is None:
-            packed = self._pack(type_url, current, state.names, stream._resources)
+            if digests is None and stream._resources is not None:
+                digests = stream._resources.digests.get(type_url)
+            packed = self._pack(type_url, current, state.names, digests or {})
             if shared:
                 self._packed[type_url, version] = packed
         self.metrics.pushes.labels(SHORT_NAMES[type_url]).inc()
@@ -477,11 +612,10 @@ class AdsServer:
         type_url: str,
         current: Mapping[str, Any],
         names: frozenset[str] | None,
-        generated: Resources | None,
+        digests: Mapping[str, bytes],
     ) -> list[any_pb2.Any]:
         """`current` (only `names`, when given) packed in name order; resources whose digest
-        the generator knows are packed once per flush and shared by every stream."""
-        digests = generated.digests.get(type_url, {}) if generated is not None else {}
+        is known are packed once per flush and shared by every stream."""
         packed = []
         for name, message in sorted(current.items()):
             if names is not None and name not in names:

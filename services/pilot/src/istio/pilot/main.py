@@ -33,7 +33,7 @@ from istio.pilot.registry import Registry
 from istio.pilot.registry.aggregate import AggregateRegistry
 from istio.pilot.server import PilotServer, split_host_port
 from istio.pilot.xds import tracing
-from istio.pilot.xds.generate import generate
+from istio.pilot.xds.generate import endpoint_changes, generate
 
 PROG = "pilot-discovery"
 REGISTRY_KINDS = ("file", "kube", "consul", "eureka")
@@ -205,7 +205,9 @@ async def serve(options: argparse.Namespace) -> None:
         store = open_store(options.config_store)
     except ConfigError as error:
         raise StartupError("; ".join(str(p) for p in error.problems)) from None
-    pilot = PilotServer(aggregate, store, generate, members=members, mesh=mesh)
+    pilot = PilotServer(
+        aggregate, store, generate, members=members, mesh=mesh, endpoint_changes=endpoint_changes
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -25,7 +25,14 @@ from prometheus_client import CollectorRegistry
 from istio.api.proxy.v1.config import proxy_mesh_pb2
 from istio.config import Config, ConfigKey
 from istio.configstore import ConfigStore, EventType
-from istio.pilot.ads import DEFAULT_DEBOUNCE, AdsMetrics, AdsServer, Debounce, Generator
+from istio.pilot.ads import (
+    DEFAULT_DEBOUNCE,
+    AdsMetrics,
+    AdsServer,
+    Debounce,
+    EndpointChanges,
+    Generator,
+)
 from istio.pilot.debug import RegistryCollector, build_app
 from istio.pilot.mesh import ROUTING_KINDS, MeshSnapshot, default_mesh_config
 from istio.pilot.registry import Change, Registry, RegistrySnapshot, dns_instances_changed
@@ -49,13 +56,19 @@ class PilotServer:
         members: Sequence[Registry] | None = None,
         mesh: proxy_mesh_pb2.MeshConfig | None = None,
         debounce: Debounce = DEFAULT_DEBOUNCE,
+        endpoint_changes: EndpointChanges | None = None,
     ) -> None:
         self.registry = registry
         self.members = tuple(members) if members is not None else (registry,)
         self.store = store
         self.mesh = mesh or default_mesh_config()
         self.metrics = CollectorRegistry()
-        self.ads = AdsServer(generate, debounce=debounce, metrics=AdsMetrics(self.metrics))
+        self.ads = AdsServer(
+            generate,
+            debounce=debounce,
+            metrics=AdsMetrics(self.metrics),
+            endpoint_changes=endpoint_changes,
+        )
         self.metrics.register(RegistryCollector(self.members))
         self.grpc_port = 0
         self.http_port = 0

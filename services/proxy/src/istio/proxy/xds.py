@@ -32,6 +32,8 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
 WILDCARD_TYPES = (CLUSTER, LISTENER)
+# Responses of these types may carry a part of what the proxy subscribed to (the rest stays).
+MERGED_TYPES = frozenset({ENDPOINT, ROUTE})
 
 _MESSAGES: dict[str, type[Message]] = {
     CLUSTER: cluster_pb2.Cluster,
@@ -101,6 +103,14 @@ class XdsState:
             self.nacks += 1
             self.last_nack = f"undecodable {SHORT_NAMES[type_url]} resource: {error}"
             return self.last_nack
+        if type_url in MERGED_TYPES:
+            # EDS and RDS responses may carry only the resources that changed: the others
+            # stay as they were (snapshot() keeps only what the subscriptions name).
+            previous = self.types[type_url]
+            wanted = self.eds_names() if type_url == ENDPOINT else self.rds_names()
+            kept = [name for name in previous.raw if name in wanted and name not in raw]
+            raw = {**{n: previous.raw[n] for n in kept}, **raw}
+            compiled = {**{n: previous.compiled[n] for n in kept}, **compiled}
         self.types[type_url] = TypeState(version, MappingProxyType(raw), MappingProxyType(compiled))
         self.received.add(type_url)
         return None

@@ -8,7 +8,7 @@ own instances, and only then do the keys include them.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -20,6 +20,7 @@ from istio.pilot.xds import clusters as cds
 from istio.pilot.xds import endpoints as eds
 from istio.pilot.xds import gateways, grpc, listeners, resources, routes, tracing
 from istio.pilot.xds.index import MeshIndex, index_of, instances_key
+from istio.pilot.xds.resources import Part
 
 
 def generate(snapshot: MeshSnapshot, proxy: Proxy) -> resources.Resources:
@@ -27,64 +28,142 @@ def generate(snapshot: MeshSnapshot, proxy: Proxy) -> resources.Resources:
     instances = index.proxy_instances(proxy)
     rules_key = instances_key(instances) if index.rules_use_source else None
     policies_key = instances_key(instances) if index.policies_use_source else None
-    by_type: dict[str, list[Message]]
+    # Per type: parts shared with other proxies (built once per snapshot, see `_part`), and
+    # messages of this proxy's own.
+    shared: dict[str, list[Part]] = {t: [] for t in resources.PUSH_ORDER}
+    own: dict[str, list[Message]] = {t: [] for t in resources.PUSH_ORDER}
     if proxy.is_grpc:
         key: tuple[Hashable, ...] = ("grpc", proxy.namespace, rules_key)
-        grpc_listeners = index.cached(
-            (*key, "lds"), lambda: list(grpc.grpc_listeners_and_routes(index, proxy, instances)[0])
+        shared[resources.LISTENER].append(
+            _part(
+                index,
+                (*key, "lds"),
+                lambda: list(grpc.grpc_listeners_and_routes(index, proxy, instances)[0]),
+            )
         )
-        grpc_routes = index.cached(
-            (*key, "rds"), lambda: list(grpc.grpc_listeners_and_routes(index, proxy, instances)[1])
+        shared[resources.ROUTE].append(
+            _part(
+                index,
+                (*key, "rds"),
+                lambda: list(grpc.grpc_listeners_and_routes(index, proxy, instances)[1]),
+            )
         )
-        by_type = {
-            resources.CLUSTER: index.cached(
-                ("cds", True, policies_key),
+        clusters_key: tuple[Hashable, ...] = ("cds", True, policies_key)
+        shared[resources.CLUSTER].append(
+            _part(
+                index,
+                clusters_key,
                 lambda: list(cds.outbound_clusters(index, instances, proxyless=True)),
-            ),
-            resources.LISTENER: grpc_listeners,
-            resources.ROUTE: grpc_routes,
-        }
+            )
+        )
     elif proxy.type is NodeType.SIDECAR:
-        by_type = _sidecar(index, proxy, instances, rules_key, policies_key)
+        clusters_key = ("sidecar-cds", policies_key)
+        _sidecar(index, proxy, instances, rules_key, policies_key, shared, own)
     elif proxy.type is NodeType.INGRESS:
-        by_type = {
-            resources.CLUSTER: index.cached(
-                ("cds", False, policies_key),
-                lambda: list(cds.outbound_clusters(index, instances)),
-            ),
-            resources.LISTENER: index.cached(
-                ("ingress", "lds"), lambda: list(gateways.ingress_listeners(index))
-            ),
-            resources.ROUTE: index.cached(
+        clusters_key = ("ingress-cds", policies_key)
+        shared[resources.CLUSTER].append(
+            _part(
+                index,
+                clusters_key,
+                lambda: [*cds.outbound_clusters(index, instances), *_collector(index)],
+            )
+        )
+        shared[resources.LISTENER].append(
+            _part(index, ("ingress", "lds"), lambda: list(gateways.ingress_listeners(index)))
+        )
+        shared[resources.ROUTE].append(
+            _part(
+                index,
                 ("ingress", "rds"),
                 lambda: [
                     gateways.ingress_route_configuration(index, port)
                     for port in gateways.ingress_ports(index)
                 ],
-            ),
-        }
+            )
+        )
     else:
-        by_type = {
-            resources.CLUSTER: index.cached(
-                ("egress", "cds"), lambda: list(cds.egress_clusters(index))
-            ),
-            resources.LISTENER: list(gateways.egress_listeners(proxy, snapshot.mesh)),
-            resources.ROUTE: index.cached(
-                ("egress", "rds"), lambda: [gateways.egress_route_configuration(index)]
-            ),
-        }
-    if not proxy.is_grpc:  # spans go to the collector while tracing is on
-        by_type[resources.CLUSTER] = [*by_type[resources.CLUSTER], *_collector(index)]
-    by_type[resources.ENDPOINT] = [
-        _assignment(index, c.name)  # type: ignore[attr-defined]
-        for c in by_type[resources.CLUSTER]
-        if c.type == cluster_pb2.Cluster.EDS  # type: ignore[attr-defined]
-    ]
-    named = {t: {_name(m): m for m in items} for t, items in by_type.items()}
-    return resources.Resources(
-        named,
-        {t: {name: index.digest(m) for name, m in items.items()} for t, items in named.items()},
+        clusters_key = ("egress-cds",)
+        shared[resources.CLUSTER].append(
+            _part(
+                index,
+                clusters_key,
+                lambda: [*cds.egress_clusters(index), *_collector(index)],
+            )
+        )
+        own[resources.LISTENER] = list(gateways.egress_listeners(proxy, snapshot.mesh))
+        shared[resources.ROUTE].append(
+            _part(index, ("egress", "rds"), lambda: [gateways.egress_route_configuration(index)])
+        )
+    # Assignments for the EDS clusters; a proxy's own clusters are never EDS (inbound ones
+    # are STATIC), so these follow from the shared clusters alone.
+    cluster_parts = shared[resources.CLUSTER]
+    shared[resources.ENDPOINT].append(
+        _part(
+            index,
+            ("eds-of", clusters_key),
+            lambda: [
+                _assignment(index, name)
+                for part in cluster_parts
+                for name, cluster in part.named.items()
+                if cluster.type == cluster_pb2.Cluster.EDS  # type: ignore[attr-defined]
+            ],
+        )
     )
+    by_type: dict[str, Mapping[str, Message]] = {}
+    digests: dict[str, Mapping[str, bytes]] = {}
+    versions: dict[str, str] = {}
+    for type_url in resources.PUSH_ORDER:
+        parts, mine = shared[type_url], own[type_url]
+        if len(parts) == 1 and not mine:
+            # The whole type is one shared part: its mappings and version, not copies.
+            by_type[type_url], digests[type_url] = parts[0].named, parts[0].digests
+            versions[type_url] = parts[0].version
+            continue
+        named: dict[str, Message] = {}
+        known: dict[str, bytes] = {}
+        for part in parts:
+            named.update(part.named)
+            known.update(part.digests)
+        for message in mine:
+            name = _name(message)
+            named[name] = message
+            known[name] = index.digest(message)
+        by_type[type_url], digests[type_url] = named, known
+        versions[type_url] = resources.content_version(known)
+    return resources.Resources(by_type, digests, versions)
+
+
+def _part(index: MeshIndex, key: Hashable, build: Callable[[], list[Message]]) -> Part:
+    """The messages `build` makes, as a Part built once per snapshot for every proxy that
+    asks with `key` (which holds everything the output depends on)."""
+
+    def make() -> list[Part]:
+        messages = index.cached(("part-messages", key), build)
+        named = {_name(m): m for m in messages}
+        digests = {name: index.digest(m) for name, m in named.items()}
+        return [Part(named, digests, resources.content_version(digests))]
+
+    part: Part = index.cached_part(key, make)
+    return part
+
+
+def endpoint_changes(
+    old: MeshSnapshot, new: MeshSnapshot
+) -> dict[str, tuple[Message, bytes]] | None:
+    """For a push where only endpoints changed from `old` to `new`: the assignments, by
+    cluster name, that may differ (those of the hosts whose instances changed; every other
+    one is the same message as before), with their content digests. None when that is not
+    known (the mesh changed in other ways, or a DNS host changed): then everything is
+    compared."""
+    index = index_of(new)
+    for previous, names in index.carried_from:
+        if previous is old:
+            changed = {}
+            for name in sorted(names):
+                message = _assignment(index, name)
+                changed[name] = (message, index.digest(message))
+            return changed
+    return None
 
 
 def _sidecar(
@@ -93,33 +172,41 @@ def _sidecar(
     instances: Sequence[ServiceInstance],
     rules_key: Hashable,
     policies_key: Hashable,
-) -> dict[str, list[Message]]:
+    shared: dict[str, list[Part]],
+    own: dict[str, list[Message]],
+) -> None:
+    shared[resources.CLUSTER].append(
+        _part(
+            index,
+            ("sidecar-cds", policies_key),
+            lambda: [
+                *cds.outbound_clusters(index, instances),
+                *cds.egress_clusters(index),
+                _blackhole(),
+                *_collector(index),
+            ],
+        )
+    )
+    own[resources.CLUSTER] = list(cds.inbound_clusters(index, proxy, instances))
+    shared[resources.LISTENER].append(
+        _part(
+            index,
+            ("sidecar-lds",),
+            lambda: [listeners.virtual_listener(index), *listeners.outbound_listeners(index)],
+        )
+    )
+    own[resources.LISTENER] = list(listeners.inbound_listeners(index, proxy, instances))
     outbound_ports = listeners.outbound_ports(index)
-    return {
-        resources.CLUSTER: [
-            *index.cached(
-                ("cds", False, policies_key), lambda: list(cds.outbound_clusters(index, instances))
-            ),
-            *cds.inbound_clusters(index, proxy, instances),
-            *index.cached(("egress", "cds"), lambda: list(cds.egress_clusters(index))),
-            *index.cached(("blackhole",), lambda: [_blackhole()]),
-        ],
-        resources.LISTENER: [
-            *index.cached(("virtual",), lambda: [listeners.virtual_listener(index)]),
-            *index.cached(("lds", "outbound"), lambda: list(listeners.outbound_listeners(index))),
-            *listeners.inbound_listeners(index, proxy, instances),
-        ],
-        resources.ROUTE: [
-            route
-            for port in outbound_ports
-            for route in index.cached(
-                ("rds", port, proxy.namespace, rules_key),
-                lambda port=port: [  # type: ignore[misc]
-                    routes.port_route_configuration(index, port, proxy.namespace, instances)
-                ],
-            )
-        ],
-    }
+    shared[resources.ROUTE].append(
+        _part(
+            index,
+            ("sidecar-rds", proxy.namespace, rules_key),
+            lambda: [
+                routes.port_route_configuration(index, port, proxy.namespace, instances)
+                for port in outbound_ports
+            ],
+        )
+    )
 
 
 def _name(message: Message) -> str:

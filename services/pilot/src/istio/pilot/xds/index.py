@@ -12,7 +12,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from google.protobuf.message import Message
 
@@ -62,6 +62,12 @@ class MeshIndex:
     # digests of those shared messages, so a push to many proxies builds and hashes each once.
     shared: dict[Hashable, list[Message]] = field(default_factory=dict)
     digests: dict[int, bytes] = field(default_factory=dict)
+    # When this index started from the previous snapshot's (an endpoint-only change): that
+    # snapshot, and the cluster names whose assignments were rebuilt (the only ones that may
+    # differ). Filled by `_carry_over`; EDS pushes send just those.
+    carried_from: list[tuple[MeshSnapshot, frozenset[str]]] = field(default_factory=list)
+    # Shared parts (istio.pilot.xds.generate._part), one list of one Part per key.
+    parts: dict[Hashable, list[Any]] = field(default_factory=dict)
 
     def instances_of(self, hostname: str) -> Sequence[ServiceInstance]:
         return self.snapshot.instances.get(hostname, ())
@@ -83,6 +89,13 @@ class MeshIndex:
             for message in found:
                 self.digests[id(message)] = _digest(message)
         return found
+
+    def cached_part(self, key: Hashable, build: Callable[[], list[Any]]) -> Any:
+        """The part `build()` makes, once per snapshot for everyone asking with `key`."""
+        found = self.parts.get(key)
+        if found is None:
+            found = self.parts[key] = build()
+        return found[0]
 
     def digest(self, message: Message) -> bytes:
         """The content digest of a message; shared messages' digests are computed once (they
@@ -144,19 +157,27 @@ def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
         service = new.services.get(host)
         if service is None or service.resolution is not Resolution.STATIC:
             return
+    rebuilt: set[str] = set()
     for key, messages in previous.shared.items():
+        if isinstance(key, tuple) and key[:1] == ("part-messages",):
+            inner = key[1]
+            if isinstance(inner, tuple) and inner[:1] == ("eds-of",):
+                continue  # assignments: rebuilt from the per-cluster ones below
         if isinstance(key, tuple) and key[:1] == ("eds",):
             try:
                 hostname = parse_cluster_name(str(key[1]))[2]
             except (ValueError, IndexError):
+                rebuilt.add(str(key[1]))
                 continue
             if hostname in changed:
+                rebuilt.add(str(key[1]))
                 continue
         index.shared[key] = messages
         for message in messages:
             digest = previous.digests.get(id(message))
             if digest is not None:
                 index.digests[id(message)] = digest
+    index.carried_from.append((old, frozenset(rebuilt)))
 
 
 def _build(snapshot: MeshSnapshot) -> MeshIndex:
