@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, json_format
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -49,6 +49,7 @@ from istio.pilot.xds.resources import (
     PUSH_ORDER,
     ROUTE,
     SHORT_NAMES,
+    Part,
     Resources,
 )
 
@@ -231,9 +232,9 @@ class AdsServer:
         self._flushed.set()
         self._idle_collect: asyncio.TimerHandle | None = None
         self.flushes = 0
-        # Packed resources by (type, version): the version is a content hash, so proxies that
-        # get the same content (most of a namespace) share one packing. Cleared on each flush.
-        self._packed: dict[tuple[str, str], list[any_pb2.Any]] = {}
+        # Encoded resources by (type, version): the version is a content hash, so proxies that
+        # get the same content (most of a namespace) share one encoding. Cleared each flush.
+        self._packed: dict[tuple[str, str], bytes] = {}
         # Each resource packed once per flush, by (type, name, content digest), for every
         # stream that sends it (streams whose versions differ still share most resources).
         self._anys: dict[tuple[str, str, bytes], any_pb2.Any] = {}
@@ -244,6 +245,10 @@ class AdsServer:
         self._diffs: dict[
             tuple[int, int], tuple[Mapping[str, bytes], Mapping[str, bytes], list[str]]
         ] = {}
+        # Each shared part's encoded resources, per flush (the part is kept: ids stay unique),
+        # and each packed resource's encoding.
+        self._part_packs: dict[int, tuple[Part, bytes]] = {}
+        self._any_wire: dict[int, tuple[any_pb2.Any, bytes]] = {}
 
     @property
     def snapshot(self) -> MeshSnapshot | None:
@@ -255,7 +260,23 @@ class AdsServer:
         return tuple(self._streams.values())
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
+        """Serve ADS on `server`. Responses are written as bytes already encoded (most of
+        each is shared by many streams): the method handlers pass them through."""
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_serialize,
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_serialize,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),)
+        )
 
     # Pushes.
 
@@ -304,6 +325,8 @@ class AdsServer:
         self._anys = {}
         self._subscriptions = {}
         self._diffs = {}
+        self._part_packs = {}
+        self._any_wire = {}
         self.flushes += 1
         types = (ENDPOINT,) if changes == {Change.ENDPOINTS} else PUSH_ORDER
         since = loop.time()
@@ -486,7 +509,16 @@ class AdsServer:
                     )
                     final_clusters = self._response(stream, state, CLUSTER, version, current)
                     continue
-            responses.append(self._response(stream, state, type_url, version, current))
+            responses.append(
+                self._response(
+                    stream,
+                    state,
+                    type_url,
+                    version,
+                    current,
+                    layout=resources.layout.get(type_url) if state.names is None else None,
+                )
+            )
         if final_clusters is not None:
             responses.append(final_clusters)
         return responses
@@ -544,7 +576,15 @@ class AdsServer:
             return None
         version = resources.version(type_url, names)
         if len(changed) == len(now):  # everything: the packing is shared by version
-            return self._response(stream, state, type_url, version, changed, digests=now)
+            return self._response(
+                stream,
+                state,
+                type_url,
+                version,
+                changed,
+                digests=now,
+                layout=resources.layout.get(type_url) if now is digests else None,
+            )
         return self._response(stream, state, type_url, version, changed, shared=False, digests=now)
 
     def _respond_endpoint_delta(
@@ -590,22 +630,65 @@ class AdsServer:
         *,
         shared: bool = True,
         digests: Mapping[str, bytes] | None = None,
+        layout: tuple[tuple[Part, ...], tuple[str, ...]] | None = None,
     ) -> _Response:
         """A response for the stream; `shared` packings are cached by (type, version), a
         content hash, for every stream that gets the same content."""
         state.sent_version = version
         state.sent_nonce = stream._next_nonce()
-        packed = self._packed.get((type_url, version)) if shared else None
-        if packed is None:
+        wire = self._packed.get((type_url, version)) if shared else None
+        if wire is None:
             if digests is None and stream._resources is not None:
                 digests = stream._resources.digests.get(type_url)
-            packed = self._pack(type_url, current, state.names, digests or {})
+            if layout is not None:
+                wire = self._wire_layout(type_url, current, layout, digests or {})
+            else:
+                wire = self._wire(self._pack(type_url, current, state.names, digests or {}))
             if shared:
-                self._packed[type_url, version] = packed
+                self._packed[type_url, version] = wire
         self.metrics.pushes.labels(SHORT_NAMES[type_url]).inc()
-        return discovery_pb2.DiscoveryResponse(
-            version_info=version, type_url=type_url, nonce=state.sent_nonce, resources=packed
-        )
+        # The response as it goes on the wire (see `_serialize`): its small header fields,
+        # then the resources' encoding, shared by every stream that sends the same ones.
+        head = discovery_pb2.DiscoveryResponse(
+            version_info=version, type_url=type_url, nonce=state.sent_nonce
+        ).SerializeToString()
+        return head + wire
+
+    def _wire_layout(
+        self,
+        type_url: str,
+        current: Mapping[str, Any],
+        layout: tuple[tuple[Part, ...], tuple[str, ...]],
+        digests: Mapping[str, bytes],
+    ) -> bytes:
+        """All of a type, encoded: each shared part packed and encoded once per flush (reused
+        by every stream that sends it), then the proxy's own resources."""
+        parts, own = layout
+        chunks = []
+        for part in parts:
+            entry = self._part_packs.get(id(part))
+            if entry is None or entry[0] is not part:
+                entry = (part, self._wire(self._pack(type_url, part.named, None, part.digests)))
+                self._part_packs[id(part)] = entry
+            chunks.append(entry[1])
+        if own:
+            chunks.append(
+                self._wire(self._pack(type_url, {n: current[n] for n in own}, None, digests))
+            )
+        return b"".join(chunks)
+
+    def _wire(self, packed: list[any_pb2.Any]) -> bytes:
+        """`packed` as DiscoveryResponse's repeated field 2 (resources); each resource's
+        encoding is kept with it for the flush."""
+        chunks = []
+        for item in packed:
+            entry = self._any_wire.get(id(item))
+            if entry is None or entry[0] is not item:
+                encoded = item.SerializeToString()
+                entry = (item, _RESOURCES_TAG + _varint(len(encoded)) + encoded)
+                self._any_wire[id(item)] = entry
+            chunks.append(entry[1])
+        return b"".join(chunks)
 
     def _pack(
         self,
@@ -644,6 +727,23 @@ class AdsServer:
             stream.generation_error = f"{type(error).__name__}: {error}"
             log.exception("xDS generation failed for %s; it keeps its last config", stream.node_id)
         return stream._resources
+
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+_RESOURCES_TAG = b"\x12"  # field 2 (resources), length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _serialize(response: Any) -> bytes:
+    return response if isinstance(response, bytes) else bytes(response.SerializeToString())
 
 
 def _collect_all() -> None:

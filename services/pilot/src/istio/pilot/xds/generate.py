@@ -112,25 +112,33 @@ def generate(snapshot: MeshSnapshot, proxy: Proxy) -> resources.Resources:
     by_type: dict[str, Mapping[str, Message]] = {}
     digests: dict[str, Mapping[str, bytes]] = {}
     versions: dict[str, str] = {}
+    layout: dict[str, tuple[tuple[Part, ...], tuple[str, ...]]] = {}
     for type_url in resources.PUSH_ORDER:
         parts, mine = shared[type_url], own[type_url]
         if len(parts) == 1 and not mine:
             # The whole type is one shared part: its mappings and version, not copies.
             by_type[type_url], digests[type_url] = parts[0].named, parts[0].digests
             versions[type_url] = parts[0].version
+            layout[type_url] = (tuple(parts), ())
             continue
         named: dict[str, Message] = {}
         known: dict[str, bytes] = {}
         for part in parts:
             named.update(part.named)
             known.update(part.digests)
+        own_digests: dict[str, bytes] = {}
         for message in mine:
             name = _name(message)
             named[name] = message
-            known[name] = index.digest(message)
+            known[name] = own_digests[name] = index.digest(message)
         by_type[type_url], digests[type_url] = named, known
-        versions[type_url] = resources.content_version(known)
-    return resources.Resources(by_type, digests, versions)
+        # The parts' versions and the proxy's own digests: a version that moves whenever
+        # the content does, without hashing the shared parts' resources again.
+        parts_version = "+".join(part.version for part in parts)
+        own_version = resources.content_version(own_digests)
+        versions[type_url] = resources.content_version({parts_version: own_version.encode()})
+        layout[type_url] = (tuple(parts), tuple(own_digests))
+    return resources.Resources(by_type, digests, versions, layout)
 
 
 def _part(index: MeshIndex, key: Hashable, build: Callable[[], list[Message]]) -> Part:

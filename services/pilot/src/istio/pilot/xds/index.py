@@ -131,22 +131,24 @@ def index_of(snapshot: MeshSnapshot) -> MeshIndex:
 
 
 def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
-    """When the two snapshots differ only in instances, start `index` from `previous`'s
-    shared outputs, less the assignments of the hosts whose instances changed.
+    """Start `index` from what `previous` built that still holds.
 
-    Shared outputs read other services' instances only in assignments ("eds", cluster name)
-    and in DNS clusters (endpoints inline): when a changed host is not STATIC, nothing is
-    carried. Outputs that depend on the proxy's own instances have them in their keys.
+    Assignments ("eds", cluster name) depend only on their host's instances: those of hosts
+    whose instances did not change are carried whatever else changed. When the two snapshots
+    differ only in instances, every other shared output is carried too, and the index
+    records which assignments were rebuilt (what an endpoint-only push sends). Shared outputs
+    read other services' instances only in assignments and in DNS clusters (endpoints
+    inline): when a changed host is not STATIC, only assignments are carried. Outputs that
+    depend on the proxy's own instances have them in their keys.
     """
     old, new = previous.snapshot, index.snapshot
     if old is new or not previous.shared:
         return
-    if not (
+    everything = (
         (old.services is new.services or dict(old.services) == dict(new.services))
         and (old.configs is new.configs or dict(old.configs) == dict(new.configs))
         and (old.mesh is new.mesh or old.mesh == new.mesh)
-    ):
-        return
+    )
     changed = {
         host
         for host in old.instances.keys() | new.instances.keys()
@@ -156,13 +158,9 @@ def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
     for host in changed:
         service = new.services.get(host)
         if service is None or service.resolution is not Resolution.STATIC:
-            return
+            everything = False
     rebuilt: set[str] = set()
     for key, messages in previous.shared.items():
-        if isinstance(key, tuple) and key[:1] == ("part-messages",):
-            inner = key[1]
-            if isinstance(inner, tuple) and inner[:1] == ("eds-of",):
-                continue  # assignments: rebuilt from the per-cluster ones below
         if isinstance(key, tuple) and key[:1] == ("eds",):
             try:
                 hostname = parse_cluster_name(str(key[1]))[2]
@@ -172,12 +170,19 @@ def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
             if hostname in changed:
                 rebuilt.add(str(key[1]))
                 continue
+        elif not everything:
+            continue
+        elif isinstance(key, tuple) and key[:1] == ("part-messages",):
+            inner = key[1]
+            if isinstance(inner, tuple) and inner[:1] == ("eds-of",):
+                continue  # assignments: rebuilt from the per-cluster ones
         index.shared[key] = messages
         for message in messages:
             digest = previous.digests.get(id(message))
             if digest is not None:
                 index.digests[id(message)] = digest
-    index.carried_from.append((old, frozenset(rebuilt)))
+    if everything:
+        index.carried_from.append((old, frozenset(rebuilt)))
 
 
 def _build(snapshot: MeshSnapshot) -> MeshIndex:

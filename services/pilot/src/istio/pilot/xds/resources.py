@@ -55,6 +55,11 @@ class Resources:
     digests: Mapping[str, Mapping[str, bytes]] = field(default_factory=lambda: MappingProxyType({}))
     # The version of each type's whole content, when the generator knows it already.
     versions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # How each type's whole content is made: shared parts, then the names of the proxy's
+    # own resources (packing reuses each part's packed form).
+    layout: Mapping[str, tuple[tuple[Part, ...], tuple[str, ...]]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def of(self, type_url: str) -> Mapping[str, Message]:
         return self.by_type.get(type_url, MappingProxyType({}))
