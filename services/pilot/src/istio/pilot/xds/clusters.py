@@ -61,17 +61,12 @@ def _service_cluster(
     cluster = cluster_pb2.Cluster(
         name=name,
         connect_timeout=common.copy_duration(index.snapshot.mesh.connect_timeout),
-        metadata=common.istio_metadata(
-            {
-                "service": service.hostname,
-                "port": port.port,
-                "labels": dict(labels),
-                # What the sidecar's TLS origination reads (the CA issue): mesh services
-                # speak mTLS when the mesh says so; external ones never do.
-                "mtls": mtls and not service.mesh_external,
-            }
-        ),
     )
+    if mtls and not service.mesh_external:
+        # What the sidecar's TLS origination reads (the CA issue): mesh services speak mTLS
+        # when the mesh says so; external ones never do. Only set when true: every proxy
+        # decodes every cluster, and the service, port and labels are in the name already.
+        cluster.metadata.CopyFrom(common.istio_metadata({"mtls": True}))
     resolution = service.resolution
     if resolution is Resolution.STATIC or proxyless:
         cluster.type = cluster_pb2.Cluster.EDS
