@@ -644,7 +644,10 @@ class AdsServer:
                 wire = self._wire_layout(type_url, current, layout, digests or {})
             else:
                 wire = self._wire(self._pack(type_url, current, state.names, digests or {}))
-            if shared:
+            if shared and (layout is None or not layout[1]):
+                # Kept for the flush. Not when the proxy has resources of its own (its
+                # inbound ones): that content is its alone, and its shared parts are kept
+                # already.
                 self._packed[type_url, version] = wire
         self.metrics.pushes.labels(SHORT_NAMES[type_url]).inc()
         # The response as it goes on the wire (see `_serialize`): its small header fields,

@@ -71,7 +71,8 @@ def _service_cluster(
     if resolution is Resolution.STATIC or proxyless:
         cluster.type = cluster_pb2.Cluster.EDS
         cluster.eds_cluster_config.eds_config.CopyFrom(common.ads())
-        cluster.eds_cluster_config.service_name = name
+        # No service_name: it defaults to the cluster's name, in Envoy and in gRPC's client,
+        # and every proxy decodes every cluster.
     elif resolution is Resolution.DNS:
         cluster.type = cluster_pb2.Cluster.STRICT_DNS
         endpoints = [
