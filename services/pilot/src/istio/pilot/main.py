@@ -28,6 +28,7 @@ from istio.config import ConfigError
 from istio.config.convert import fill_message
 from istio.configstore import STORE_ENV, default_store_url, open_store
 from istio.model.service import DEFAULT_DOMAIN
+from istio.pilot.ingress import KubeIngressSource
 from istio.pilot.mesh import default_mesh_config
 from istio.pilot.registry import Registry
 from istio.pilot.registry.aggregate import AggregateRegistry
@@ -193,6 +194,25 @@ def make_registry(flag: RegistryFlag, domain: str = DEFAULT_DOMAIN) -> Registry:
         raise StartupError(f"registry {flag}: {error}") from None
 
 
+def ingress_sources(
+    flags: Sequence[RegistryFlag], mesh: proxy_mesh_pb2.MeshConfig
+) -> list[KubeIngressSource]:
+    """With a Kubernetes registry, that cluster's Ingresses too (0.2's ingress controller),
+    unless the mesh's ingressControllerMode is OFF."""
+    mode = proxy_mesh_pb2.MeshConfig.IngressControllerMode.Name(mesh.ingress_controller_mode)
+    if mode == "OFF":
+        return []
+    return [
+        KubeIngressSource(
+            Path(flag.arg) if flag.arg else None,
+            mode=mode,
+            ingress_class=mesh.ingress_class or "istio",
+        )
+        for flag in flags
+        if flag.kind == "kube"
+    ]
+
+
 async def serve(options: argparse.Namespace) -> None:
     """Run Pilot until SIGINT or SIGTERM."""
     mesh = load_mesh_config(options.mesh_config)
@@ -206,7 +226,13 @@ async def serve(options: argparse.Namespace) -> None:
     except ConfigError as error:
         raise StartupError("; ".join(str(p) for p in error.problems)) from None
     pilot = PilotServer(
-        aggregate, store, generate, members=members, mesh=mesh, endpoint_changes=endpoint_changes
+        aggregate,
+        store,
+        generate,
+        members=members,
+        mesh=mesh,
+        endpoint_changes=endpoint_changes,
+        config_sources=ingress_sources(options.registries, mesh),
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

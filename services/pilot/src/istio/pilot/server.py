@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
+from typing import Protocol
 
 import grpc
 from aiohttp import web
@@ -57,8 +58,11 @@ class PilotServer:
         mesh: proxy_mesh_pb2.MeshConfig | None = None,
         debounce: Debounce = DEFAULT_DEBOUNCE,
         endpoint_changes: EndpointChanges | None = None,
+        config_sources: Sequence[ConfigSource] = (),
     ) -> None:
         self.registry = registry
+        # Configs from elsewhere than the store (Kubernetes Ingresses as IngressRules).
+        self.config_sources = tuple(config_sources)
         self.members = tuple(members) if members is not None else (registry,)
         self.store = store
         self.mesh = mesh or default_mesh_config()
@@ -107,6 +111,10 @@ class PilotServer:
         self._tasks = [
             asyncio.create_task(self._run_registry(), name="pilot-registry"),
             asyncio.create_task(self._watch_store(), name="pilot-config-watch"),
+            *(
+                asyncio.create_task(self._run_source(source), name="pilot-config-source")
+                for source in self.config_sources
+            ),
         ]
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -132,6 +140,8 @@ class PilotServer:
             reasons.append("registries not synced yet: " + ", ".join(waiting))
         if not self._store_synced:
             reasons.append("config store not synced yet")
+        if not all(source.synced.is_set() for source in self.config_sources):
+            reasons.append("Kubernetes Ingresses not synced yet")
         if not reasons and not self._ready.is_set():
             reasons.append("no snapshot pushed yet")
         return not reasons, "; ".join(reasons)
@@ -192,10 +202,16 @@ class PilotServer:
             await asyncio.sleep(delay)
             delay = min(delay * 2, WATCH_RETRY_MAX)
 
+    async def _run_source(self, source: ConfigSource) -> None:
+        await source.run(self._configs_changed)
+
     def _configs_changed(self) -> None:
         by_kind: dict[str, list[Config]] = {}
         for config in self._configs.values():
             by_kind.setdefault(config.meta.kind, []).append(config)
+        for source in self.config_sources:
+            for config in source.configs:
+                by_kind.setdefault(config.meta.kind, []).append(config)
         self._configs_by_kind = MappingProxyType(
             {
                 kind: tuple(sorted(configs, key=lambda c: (c.meta.namespace, c.meta.name)))
@@ -208,7 +224,11 @@ class PilotServer:
         """Push a new snapshot, once everything has synced. The first push is a full one."""
         first = not self._ready.is_set()
         if first:
-            if not (self._store_synced and all(r.status.synced for r in self.members)):
+            if not (
+                self._store_synced
+                and all(r.status.synced for r in self.members)
+                and all(s.synced.is_set() for s in self.config_sources)
+            ):
                 return
             change = Change.SERVICES
         registry = self.registry.snapshot()
@@ -233,6 +253,15 @@ class PilotServer:
         if first:
             self._ready.set()
             log.info("registries and config store synced: serving xDS")
+
+
+class ConfigSource(Protocol):
+    """Configs Pilot gets from elsewhere than the store, merged with the store's by kind."""
+
+    configs: tuple[Config, ...]
+    synced: asyncio.Event
+
+    async def run(self, changed: Callable[[], None]) -> None: ...
 
 
 def split_host_port(address: str) -> tuple[str, int]:
