@@ -195,7 +195,12 @@ def _sidecar(
             ],
         )
     )
-    own[resources.CLUSTER] = list(cds.inbound_clusters(index, proxy, instances))
+    # A proxy's own inbound clusters and listeners depend on it, its instances and the mesh
+    # config alone: kept per proxy, and carried across rule changes (istio.pilot.xds.index).
+    own_key = (proxy.node_id, tuple(sorted(proxy.metadata.items())))
+    own[resources.CLUSTER] = index.cached(
+        ("inbound-cds", own_key), lambda: list(cds.inbound_clusters(index, proxy, instances))
+    )
     shared[resources.LISTENER].append(
         _part(
             index,
@@ -203,7 +208,10 @@ def _sidecar(
             lambda: [listeners.virtual_listener(index), *listeners.outbound_listeners(index)],
         )
     )
-    own[resources.LISTENER] = list(listeners.inbound_listeners(index, proxy, instances))
+    own[resources.LISTENER] = index.cached(
+        ("inbound-lds", own_key),
+        lambda: list(listeners.inbound_listeners(index, proxy, instances)),
+    )
     outbound_ports = listeners.outbound_ports(index)
     shared[resources.ROUTE].append(
         _part(

@@ -130,6 +130,9 @@ def index_of(snapshot: MeshSnapshot) -> MeshIndex:
     return index
 
 
+_INBOUND_KEYS = (("inbound-cds",), ("inbound-lds",))
+
+
 def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
     """Start `index` from what `previous` built that still holds.
 
@@ -144,10 +147,12 @@ def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
     old, new = previous.snapshot, index.snapshot
     if old is new or not previous.shared:
         return
+    same_services = old.services is new.services or dict(old.services) == dict(new.services)
+    same_mesh = old.mesh is new.mesh or old.mesh == new.mesh
     everything = (
-        (old.services is new.services or dict(old.services) == dict(new.services))
+        same_services
         and (old.configs is new.configs or dict(old.configs) == dict(new.configs))
-        and (old.mesh is new.mesh or old.mesh == new.mesh)
+        and same_mesh
     )
     changed = {
         host
@@ -159,6 +164,8 @@ def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
         service = new.services.get(host)
         if service is None or service.resolution is not Resolution.STATIC:
             everything = False
+    # A proxy's own inbound outputs read only it, its instances and the mesh config.
+    inbound = same_services and same_mesh and not changed
     rebuilt: set[str] = set()
     for key, messages in previous.shared.items():
         if isinstance(key, tuple) and key[:1] == ("eds",):
@@ -169,6 +176,13 @@ def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
                 continue
             if hostname in changed:
                 rebuilt.add(str(key[1]))
+                continue
+        elif isinstance(key, tuple) and key[:1] in _INBOUND_KEYS:
+            # Only for proxies that still front instances: a departed proxy's outputs are
+            # not carried forever (one without instances has nothing to rebuild anyway).
+            node_id = str(key[1][0])
+            ip = node_id.split("~")[1] if node_id.count("~") >= 3 else ""
+            if not (everything or inbound) or ip not in index.instances_by_ip:
                 continue
         elif not everything:
             continue
