@@ -31,6 +31,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, TypeAlias
 
 import grpc
@@ -108,6 +109,29 @@ class Nack:
     at: datetime
 
 
+_NOTHING: Mapping[str, bytes] = MappingProxyType({})
+
+
+class Held:
+    """The digests of what a proxy holds of one type: a shared mapping (the generator's
+    digests it was last sent in full, shared by every proxy sent the same) and the few names
+    where it differs (newer assignments sent since, or names it does not hold: None)."""
+
+    __slots__ = ("base", "overrides")
+
+    def __init__(
+        self, base: Mapping[str, bytes], overrides: dict[str, bytes | None] | None = None
+    ) -> None:
+        self.base = base
+        self.overrides: dict[str, bytes | None] = overrides if overrides is not None else {}
+
+    def get(self, name: str) -> bytes | None:
+        overrides = self.overrides
+        if overrides and name in overrides:
+            return overrides[name]
+        return self.base.get(name)
+
+
 @dataclass(slots=True)
 class TypeState:
     """One xDS type on one stream. `names` is None for a wildcard (CDS, LDS) subscription."""
@@ -122,9 +146,7 @@ class TypeState:
     # EDS and RDS: the content digest of every resource the proxy holds, by name. Responses
     # of these types carry only the resources whose digest moved (state of the world allows
     # it for types the client names: it keeps the others).
-    held: Mapping[str, bytes] = field(default_factory=dict)
-    # False while `held` is the generator's own digests mapping (shared, never written).
-    held_owned: bool = False
+    held: Held = field(default_factory=lambda: Held(_NOTHING))
 
 
 # Envoy's messages (xds-protos ships no type stubs).
@@ -536,40 +558,29 @@ class AdsServer:
         nothing forces an answer."""
         current = resources.of(type_url)
         digests = resources.digests.get(type_url, {})
+        if len(digests) != len(current):  # a generator that left some out: compute them
+            digests = {name: resources.digest(type_url, name) for name in current}
         names = state.names
         held = state.held
+        # What the proxy holds differs from `digests` only where its shared base does (one
+        # diff per pair of mappings per flush, shared by every stream) or where it has
+        # overrides: only those names are looked at.
+        candidates: Iterable[str] = self._moved(held.base, digests)
+        if held.overrides:
+            candidates = {*candidates, *held.overrides}
+        unwanted = (
+            frozenset()
+            if names is None or names.issuperset(current.keys())
+            else current.keys() - names
+        )
         changed: dict[str, Any] = {}
-        now: Mapping[str, bytes]
-        if len(digests) == len(current) and (names is None or names.issuperset(current.keys())):
-            # The usual case: the proxy wants all of them. What it will hold is the
-            # generator's digests mapping itself, shared rather than copied.
-            if held is digests:
-                pass  # the very mapping the proxy holds: nothing changed
-            elif not state.held_owned and held:
-                # Both shared: every proxy moving between the same two parts shares one diff.
-                key = (id(held), id(digests))
-                diff = self._diffs.get(key)
-                if diff is None or diff[0] is not held or diff[1] is not digests:
-                    moved = [name for name, d in digests.items() if held.get(name) != d]
-                    diff = self._diffs[key] = (held, digests, moved)
-                changed = {name: current[name] for name in diff[2]}
-            else:
-                changed = {n: current[n] for n, d in digests.items() if held.get(n) != d}
-            now = digests
-            state.held_owned = False
-        else:
-            wanted = current.keys() if names is None else names & current.keys()
-            owned: dict[str, bytes] = {}
-            for name in wanted:
-                digest = digests.get(name)
-                if digest is None:
-                    digest = resources.digest(type_url, name)
-                owned[name] = digest
-                if held.get(name) != digest:
-                    changed[name] = current[name]
-            now = owned
-            state.held_owned = True
-        state.held = now
+        for name in candidates:
+            if name in unwanted or name not in current:
+                continue
+            if held.get(name) != digests[name]:
+                changed[name] = current[name]
+        state.held = Held(digests, dict.fromkeys(unwanted))
+        now = digests
         if type_url == ENDPOINT:
             stream._endpoints_from = stream._generated_from
         if not changed and type_url not in forced:
@@ -587,6 +598,18 @@ class AdsServer:
             )
         return self._response(stream, state, type_url, version, changed, shared=False, digests=now)
 
+    def _moved(self, base: Mapping[str, bytes], digests: Mapping[str, bytes]) -> list[str]:
+        """Names whose digest in `digests` differs from `base`'s (or that `base` lacks),
+        computed once per flush for each pair of mappings."""
+        if base is digests:
+            return []
+        key = (id(base), id(digests))
+        diff = self._diffs.get(key)
+        if diff is None or diff[0] is not base or diff[1] is not digests:
+            moved = [name for name, d in digests.items() if base.get(name) != d]
+            diff = self._diffs[key] = (base, digests, moved)
+        return diff[2]
+
     def _respond_endpoint_delta(
         self,
         stream: ProxyStream,
@@ -600,18 +623,14 @@ class AdsServer:
         the proxy's other assignments are unchanged and not looked at)."""
         stream._endpoints_from = snapshot
         names = state.names
-        if not state.held_owned:  # shared with the generator's output: copy before writing
-            state.held = dict(state.held)
-            state.held_owned = True
         held = state.held
-        assert isinstance(held, dict)
         changed: dict[str, Any] = {}
         digests: dict[str, bytes] = {}
         digest = hashlib.sha256(state.sent_version.encode())
         for name, (message, content) in delta.items():
             if (names is None or name in names) and held.get(name) != content:
                 changed[name] = message
-                held[name] = digests[name] = content
+                held.overrides[name] = digests[name] = content
                 digest.update(name.encode() + b"\0" + content)
         if not changed:
             return []
