@@ -11,7 +11,7 @@ export UV_PYTHON_PREFERENCE := only-system
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 
 # Debian packages the tests run for real, as `command:package`.
-DEBIAN_PACKAGES := etcd:etcd-server iptables:iptables ip:iproute2 setpriv:util-linux curl:curl redis-server:redis-server redis-cli:redis-tools openssl:openssl nghttp:nghttp2-client h2load:nghttp2-client
+DEBIAN_PACKAGES := etcd:etcd-server iptables:iptables ip:iproute2 setpriv:util-linux curl:curl redis-server:redis-server redis-cli:redis-tools openssl:openssl nghttp:nghttp2-client h2load:nghttp2-client nghttpd:nghttp2-server
 
 SRC_DIRS := $(wildcard libs/*/src services/*/src) samples/bookinfo/app/src
 TEST_DIRS := libs services samples tools e2e

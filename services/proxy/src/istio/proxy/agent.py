@@ -6,8 +6,9 @@ the names they reference. Each response is compiled by `XdsState`; a rejected on
 with the reason and changes nothing. After an accepted one the publisher builds a snapshot
 and, once it is complete (or after the warming timeout), swaps it in: clusters, then the
 current snapshot, then the bound listeners. When Pilot goes away the proxy keeps serving its
-last snapshot and reconnects with capped, jittered backoff. grpcio is imported here only,
-never by the data path.
+last snapshot and reconnects with capped, jittered backoff. The stream is gRPC on the proxy's
+own HTTP/2 codec (istio.http2.grpc): the proxy imports no grpcio, which would cost it about
+10 MB of its 30 MB idle budget.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +26,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
 from google.protobuf import json_format, struct_pb2
 
+from istio.http2.grpc import Call, Channel
 from istio.proxy.admin import json_body, serve
 from istio.proxy.config import Snapshot
 from istio.proxy.context import Context
@@ -41,6 +42,8 @@ from istio.proxy.xds import (
 )
 
 log = logging.getLogger(__name__)
+
+ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 
 _DUMP_TYPES = {
     CLUSTER: (
@@ -117,11 +120,10 @@ class Agent:
             publisher.cancel()
 
     async def _stream(self) -> None:
-        import grpc
-        from envoy.service.discovery.v3 import ads_pb2_grpc
+        from envoy.service.discovery.v3 import discovery_pb2
 
-        async with grpc.aio.insecure_channel(self.discovery_address) as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        async with Channel(self.discovery_address) as channel:
+            call = channel.stream(ADS_METHOD)
             outbox: asyncio.Queue[Any] = asyncio.Queue()
             self._outbox = outbox
             self._nonces = {}
@@ -133,32 +135,40 @@ class Agent:
                 names = self._subscribed.get(type_url)
                 if names:
                     outbox.put_nowait(self._request(type_url, names))
-            call = stub.StreamAggregatedResources(self._requests(outbox))
-            stop = asyncio.get_running_loop().create_task(self.stopped.wait())
+            loop = asyncio.get_running_loop()
+            sender = loop.create_task(self._requests(call, outbox))
+            stop = loop.create_task(self.stopped.wait())
             try:
-                reader = call.__aiter__()
                 while True:
-                    next_response = asyncio.ensure_future(reader.__anext__())
+                    next_response = loop.create_task(call.recv())
                     done, _ = await asyncio.wait(
-                        {next_response, stop}, return_when=asyncio.FIRST_COMPLETED
+                        {next_response, stop, sender}, return_when=asyncio.FIRST_COMPLETED
                     )
                     if stop in done:
                         next_response.cancel()
                         call.cancel()
                         return
-                    try:
-                        response = next_response.result()
-                    except StopAsyncIteration:
-                        raise ConnectionError("Pilot closed the stream") from None
+                    if next_response not in done:  # the sender failed: its error ends the stream
+                        next_response.cancel()
+                        call.cancel()
+                        sender.result()
+                        raise ConnectionError("the ADS request stream ended")
+                    message = next_response.result()
+                    if message is None:
+                        raise ConnectionError("Pilot closed the stream")
                     self.connected = True
-                    self._on_response(response)
+                    self._on_response(discovery_pb2.DiscoveryResponse.FromString(message))
             finally:
                 stop.cancel()
+                sender.cancel()
+                if sender.done() and not sender.cancelled():
+                    sender.exception()  # the call's error, already raised by recv: retrieved
                 self._outbox = None
 
-    async def _requests(self, outbox: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    async def _requests(self, call: Call, outbox: asyncio.Queue[Any]) -> None:
         while True:
-            yield await outbox.get()
+            request = await outbox.get()
+            await call.send(request.SerializeToString())
 
     def _request(
         self,
