@@ -13,7 +13,7 @@ UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 # Debian packages the tests run for real, as `command:package`.
 DEBIAN_PACKAGES := etcd:etcd-server iptables:iptables ip:iproute2 setpriv:util-linux curl:curl redis-server:redis-server redis-cli:redis-tools openssl:openssl nghttp:nghttp2-client h2load:nghttp2-client nghttpd:nghttp2-server
 
-SRC_DIRS := $(wildcard libs/*/src services/*/src) samples/bookinfo/app/src
+SRC_DIRS := $(wildcard libs/*/src services/*/src) samples/bookinfo/app/src samples/mixer-adapter/src
 TEST_DIRS := libs services samples tools e2e
 # Where `make up` keeps its state (config store, registry, logs, hosts file, pids).
 MESH_DIR ?= .mesh
@@ -38,7 +38,7 @@ down: venv
 
 venv: $(VENV)/.synced
 
-$(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml samples/*/app/pyproject.toml)
+$(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml samples/*/app/pyproject.toml samples/*/pyproject.toml)
 	@if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then \
 		echo "setup: installing uv"; \
 		python3 -m pip install --quiet uv || python3 -m pip install --quiet --break-system-packages uv; \

@@ -27,6 +27,7 @@ from istio.api.proxy.v1.config import (
 )
 from istio.config import validation
 from istio.config.errors import ConfigError, Problem
+from istio.mixersdk.builtin import HANDLER_PARAMS
 
 Validator = Callable[[Message], list[Problem]]
 
@@ -108,12 +109,20 @@ class SchemaRegistry:
 
 
 def _mixer_handler(kind: str, plural: str) -> Schema:
-    # Adapter parameters stay a free-form Struct until the Mixer defines each adapter's schema.
-    return Schema(kind, plural, struct_pb2.Struct, "mixer-handler")
+    # The spec is the adapter's params, typed by its schema in the adapter SDK's contracts.
+    return Schema(
+        kind,
+        plural,
+        struct_pb2.Struct,
+        "mixer-handler",
+        validate=validation.mixer_handler_validator(HANDLER_PARAMS[kind]),
+    )
 
 
 def _mixer_instance(kind: str, plural: str, message: type[Message]) -> Schema:
-    return Schema(kind, plural, message, "mixer-instance")
+    return Schema(
+        kind, plural, message, "mixer-instance", validate=validation.mixer_instance_validator(kind)
+    )
 
 
 def dashed_name(kind: str) -> str:
@@ -188,7 +197,9 @@ NETWORKING_SCHEMAS = (
 )
 
 MIXER_SCHEMAS = (
-    Schema("rule", "rules", cfg_pb2.Rule, "mixer-rule", validate=validation.validate_mixer_rule),
+    Schema(
+        "rule", "rules", cfg_pb2.Rule, "mixer-rule", validate=validation.validate_mixer_rule_match
+    ),
     Schema(
         "attributemanifest",
         "attributemanifests",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import cast
 
 from google.protobuf.duration_pb2 import Duration
@@ -23,7 +23,13 @@ from istio.api.proxy.v1.config import (
     ingress_rule_pb2,
     route_rule_pb2,
 )
+from istio.config.convert import message_to_value
 from istio.config.errors import Problem
+from istio.config.model import Config
+from istio.expr import STANDARD_VOCABULARY, ExpressionError, ValueType, parse
+from istio.mixersdk import TEMPLATES, compile_instance
+from istio.mixersdk.params import Object, parse_params
+from istio.mixersdk.templates import check_expression
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(
@@ -478,11 +484,98 @@ def validate_mixer_rule(spec: Message) -> list[Problem]:
     return problems
 
 
+def _syntax(text: str, path: str) -> list[Problem]:
+    try:
+        parse(text)
+    except ExpressionError as error:
+        return [Problem(f"{text!r}: {error}", path)]
+    return []
+
+
+def validate_mixer_rule_match(spec: Message) -> list[Problem]:
+    """The references (validate_mixer_rule), and the match's syntax: its types depend on the
+    attribute manifests, checked with them by validate_mixer_expressions and by Mixer."""
+    rule = cast(cfg_pb2.Rule, spec)
+    problems = validate_mixer_rule(rule)
+    if rule.match.strip():
+        problems += _syntax(rule.match, "match")
+    return problems
+
+
+def mixer_instance_validator(template: str) -> Callable[[Message], list[Problem]]:
+    """The syntax of every expression of an instance of `template`."""
+    fields = TEMPLATES[template].fields
+
+    def validate(spec: Message) -> list[Problem]:
+        value = message_to_value(spec)
+        problems = []
+        for field in fields:
+            name = _camel(field.name)
+            given = value.get(name)
+            if isinstance(given, Mapping):
+                for key, text in sorted(given.items()):
+                    problems += _syntax(str(text), f"{name}.{key}")
+            elif isinstance(given, str) and given:
+                problems += _syntax(given, name)
+        return problems
+
+    return validate
+
+
+def mixer_handler_validator(params: Object) -> Callable[[Message], list[Problem]]:
+    """A built-in adapter's params, typed by its schema (istio.mixersdk.builtin)."""
+
+    def validate(spec: Message) -> list[Problem]:
+        _, found = parse_params(params, message_to_value(spec))
+        return [Problem(p.message, p.field) for p in found]
+
+    return validate
+
+
+def validate_mixer_expressions(configs: Iterable[Config]) -> list[Problem]:
+    """Rules' matches and instances' fields type-checked against the standard vocabulary plus
+    the attribute manifests among `configs`. Mixer checks them again, with the manifests of
+    its store, and resolves the rules' references; this is what can be known offline."""
+    configs = list(configs)
+    manifest = dict(STANDARD_VOCABULARY)
+    for config in configs:
+        if isinstance(config.spec, cfg_pb2.AttributeManifest):
+            for name, info in config.spec.attributes.items():
+                manifest.setdefault(name, ValueType(info.value_type))
+    problems = []
+    for config in configs:
+        meta, spec = config.meta, config.spec
+        kind, name = meta.kind, f"{meta.namespace}/{meta.name}"
+        if isinstance(spec, cfg_pb2.Rule) and spec.match.strip() not in ("", "true"):
+            reason = check_expression(spec.match, manifest, ValueType.BOOL)
+            if reason:
+                problems.append(Problem(reason, "spec.match", kind=kind, name=name))
+        template = TEMPLATES.get(meta.kind)
+        if (
+            template is not None
+            and spec.DESCRIPTOR.full_name == f"istio.mixer.template.{template.name}.InstanceParam"
+        ):
+            _, found = compile_instance(
+                f"{meta.name}.{meta.kind}.{meta.namespace}",
+                template,
+                message_to_value(spec),
+                manifest,
+            )
+            problems += [Problem(p.message, f"spec.{p.field}", kind=kind, name=name) for p in found]
+    return problems
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
 def validate_attribute_manifest(spec: Message) -> list[Problem]:
     manifest = cast(cfg_pb2.AttributeManifest, spec)
     problems = []
     for name, info in manifest.attributes.items():
-        if not re.match(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$", name):
+        # Names as the expression language reads them (0.2 had source.serviceAccount).
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", name):
             problems.append(Problem(f"invalid attribute name {name!r}", f"attributes.{name}"))
         if info.value_type == 0:
             problems.append(Problem("valueType is required", f"attributes.{name}.valueType"))

@@ -26,6 +26,7 @@ from istio.config import (
 )
 from istio.config.parse import dump_yaml
 from istio.config.schema import dashed_name
+from istio.config.validation import validate_mixer_expressions
 from istio.configstore import STORE_ENV, ConfigStore, default_store_url, open_store
 
 DEFAULT_PILOT_ADDRESS = "127.0.0.1:15014"
@@ -52,6 +53,9 @@ def read_configs(files: Sequence[str], namespace: str | None) -> list[Config]:
         parsed, found = parse_documents(text, source, namespace=namespace)
         configs.extend(parsed)
         problems.extend(found)
+    if not problems:
+        # Mixer rules and instances type-checked against the attributes known offline.
+        problems.extend(validate_mixer_expressions(configs))
     seen: dict[tuple[str, str, str], int] = {}
     for config in configs:
         seen[config.key] = seen.get(config.key, 0) + 1

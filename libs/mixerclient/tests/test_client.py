@@ -1,0 +1,78 @@
+"""The client's pieces on their own: signatures, the referenced cache's bounds, Report
+splitting, and Check through an in-memory transport."""
+
+from __future__ import annotations
+
+from istio.api.mixer.v1 import check_pb2
+from istio.mixerclient.attributes import GLOBAL_INDEX, decode_report
+from istio.mixerclient.client import (
+    MixerClient,
+    ReferencedCache,
+    encode_report,
+    signature,
+)
+
+PATTERN = (("request.headers", "x-user", False), ("request.path", None, True))
+
+
+def test_signature_follows_presence_conditions() -> None:
+    assert signature(PATTERN, {"request.headers": {}, "request.path": "/a"}) == ("/a",)
+    assert signature(PATTERN, {"request.path": "/a"}) == ("/a",)
+    assert signature(PATTERN, {"request.headers": {"x-user": "j"}, "request.path": "/a"}) is None
+    assert signature(PATTERN, {"request.headers": {}}) is None
+
+
+def test_cache_bounds() -> None:
+    cache: ReferencedCache[int] = ReferencedCache(capacity=2, max_patterns=1)
+    for i in range(3):
+        cache.put(PATTERN, {"request.path": f"/{i}"}, i)
+    assert list(cache.entries.values()) == [1, 2]
+    other = (("request.method", None, True),)
+    cache.put(other, {"request.method": "GET"}, 9)
+    assert list(cache.patterns) == [other]
+    assert list(cache.entries.values()) == [9]
+
+
+def test_report_split_where_an_attribute_is_dropped() -> None:
+    batch = [{"a.b": "1", "c.d": 2}, {"a.b": "1", "c.d": 3}, {"c.d": 3}, {"c.d": 4}]
+    requests = encode_report(batch)  # type: ignore[arg-type]
+    assert [count for _, count in requests] == [2, 2]
+    assert [bag for request, _ in requests for bag in decode_report(request)] == batch
+
+
+class Canned:
+    """Answers every Check with a denial referencing request.path, and counts calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def check(self, request: bytes) -> bytes:
+        self.calls += 1
+        response = check_pb2.CheckResponse()
+        precondition = response.precondition
+        precondition.status.code = 7
+        precondition.valid_duration.FromSeconds(10)
+        precondition.valid_use_count = 100
+        match = precondition.referenced_attributes.attribute_matches.add()
+        match.name = GLOBAL_INDEX["request.path"]
+        match.condition = check_pb2.ReferencedAttributes.EXACT
+        return response.SerializeToString()
+
+    async def report(self, request: bytes) -> bytes:
+        return b""
+
+
+async def test_answers_are_reused_for_the_same_referenced_values() -> None:
+    transport = Canned()
+    client = MixerClient(transport, clock=lambda: 0.0)
+    first = await client.check({"request.path": "/x", "request.id": "1"})
+    second = await client.check({"request.path": "/x", "request.id": "2"})
+    third = await client.check({"request.path": "/y"})
+    assert [(a.status_code, a.cached) for a in (first, second, third)] == [
+        (7, False),
+        (7, True),
+        (7, False),
+    ]
+    assert transport.calls == 2
+    client.clear_cache()
+    assert (await client.check({"request.path": "/x"})).cached is False

@@ -1,0 +1,1 @@
+"""Mixer: attribute-based Check and Report, with templates, adapters and quotas (`mixs`)."""

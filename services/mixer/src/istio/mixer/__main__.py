@@ -1,0 +1,5 @@
+import sys
+
+from istio.mixer.main import main
+
+sys.exit(main())
