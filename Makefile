@@ -44,7 +44,7 @@ $(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml service
 		python3 -m pip install --quiet uv || python3 -m pip install --quiet --break-system-packages uv; \
 	fi
 	@echo "setup: syncing $(VENV) from uv.lock"
-	$(UV) sync --all-packages --frozen --quiet
+	$(UV) sync --all-packages --frozen --quiet --compile-bytecode
 	@touch $@
 
 debian-packages:
