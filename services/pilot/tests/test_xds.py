@@ -29,7 +29,15 @@ def test_mtls_metadata_follows_the_mesh(bookinfo: Callable[..., MeshSnapshot]) -
     mesh.auth_policy = proxy_mesh_pb2.MeshConfig.AuthPolicy.MUTUAL_TLS
     secured = dataclasses.replace(plain, mesh=mesh)
     found = generate(secured, Proxy.parse(PRODUCTPAGE))
-    assert cluster_metadata(found, "outbound|9080||reviews.default.svc.cluster.local")["mtls"]
+    reviews = "outbound|9080||reviews.default.svc.cluster.local"
+    assert cluster_metadata(found, reviews)["mtls"]
+    # With the identities its workloads run as, the proxy is told to expect one of them.
+    accounts = ("spiffe://cluster.local/ns/default/sa/bookinfo-reviews",)
+    services = dict(secured.services)
+    host = "reviews.default.svc.cluster.local"
+    services[host] = dataclasses.replace(services[host], service_accounts=accounts)
+    named = generate(dataclasses.replace(secured, services=services), Proxy.parse(PRODUCTPAGE))
+    assert list(cluster_metadata(named, reviews)["subject_alt_names"]) == list(accounts)  # type: ignore[call-overload]
     # Absent means plaintext (every proxy decodes every cluster: nothing set needlessly).
     assert "mtls" not in cluster_metadata(found, "outbound|443||api.example.com")
     assert "mtls" not in cluster_metadata(

@@ -66,7 +66,12 @@ def _service_cluster(
         # What the sidecar's TLS origination reads (the CA issue): mesh services speak mTLS
         # when the mesh says so; external ones never do. Only set when true: every proxy
         # decodes every cluster, and the service, port and labels are in the name already.
-        cluster.metadata.CopyFrom(common.istio_metadata({"mtls": True}))
+        # The identities the service's workloads run as: the proxy checks the server's
+        # certificate names one of them (0.2's verify_subject_alt_name).
+        fields: dict[str, object] = {"mtls": True}
+        if service.service_accounts:
+            fields["subject_alt_names"] = list(service.service_accounts)
+        cluster.metadata.CopyFrom(common.istio_metadata(fields))
     resolution = service.resolution
     if resolution is Resolution.STATIC or proxyless:
         cluster.type = cluster_pb2.Cluster.EDS
