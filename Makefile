@@ -17,11 +17,14 @@ SRC_DIRS := $(wildcard libs/*/src services/*/src) samples/bookinfo/app/src sampl
 TEST_DIRS := libs services samples tools e2e
 # Where `make up` keeps its state (config store, registry, logs, hosts file, pids).
 MESH_DIR ?= .mesh
+# Between the mesh's proxies: none (plaintext, 0.2's default), mtls (mutual TLS only) or
+# permissive (mutual TLS, plaintext accepted too): `make up AUTH=mtls`.
+AUTH ?= none
 
 .PHONY: help up down setup venv debian-packages test lint type gen-check build-check unit protos fmt clean
 
 help:
-	@echo "make up      the mesh with Bookinfo on http://127.0.0.1:8080/productpage (MESH_DIR=.mesh)"
+	@echo "make up      the mesh with Bookinfo on http://127.0.0.1:8080/productpage (MESH_DIR=.mesh, AUTH=none|mtls|permissive)"
 	@echo "make down    stop the mesh \`make up\` started (from another shell)"
 	@echo "make setup   install everything the mesh and its tests need (idempotent)"
 	@echo "make test    lint, types, generated-code check, BUILD deps check, every test and e2e"
@@ -31,7 +34,7 @@ help:
 setup: debian-packages venv
 
 up: setup
-	$(PY) -m istio.platform.local up --mesh-dir $(MESH_DIR)
+	$(PY) -m istio.platform.local up --mesh-dir $(MESH_DIR) --auth $(AUTH)
 
 down: venv
 	$(PY) -m istio.platform.local down --mesh-dir $(MESH_DIR)

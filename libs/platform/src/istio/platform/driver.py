@@ -82,6 +82,15 @@ class PlatformDriver(Protocol):
         """Kill the app of one workload (`reviews-v3`), as a crash would."""
         ...
 
+    def inbound_url(self, workload: str) -> str:
+        """Where a Bookinfo workload's sidecar takes the mesh's calls (`details-v1`'s
+        `http://IP:9080`): what a client without a sidecar would call."""
+        ...
+
+    def admin(self, workload: str, path: str) -> Response:
+        """GET `path` from a workload's sidecar admin (`/stats`)."""
+        ...
+
     def output(self) -> str:
         """What the platform reported so far (make up's output on the local platform)."""
         ...
@@ -135,6 +144,20 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 # Bookinfo as a user sees it.
+
+# What legitimately differs between two fetches of the same product page: request ids, timings.
+_VARIES = (
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<request-id>"),
+    (re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s)\b"), "<duration>"),
+)
+
+
+def normalise_page(page: str) -> str:
+    """A product page with what varies from fetch to fetch replaced (as e2e/golden holds it)."""
+    for pattern, replacement in _VARIES:
+        page = pattern.sub(replacement, page)
+    return page.replace("\r\n", "\n")
+
 
 _COLORS = re.compile(r'class="stars"[^>]*data-color="(\w+)"')
 REVIEWS_UNAVAILABLE = "reviews are currently unavailable"

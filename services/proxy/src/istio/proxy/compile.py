@@ -23,7 +23,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.mongo_proxy.v3 import mongo_proxy_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
@@ -42,12 +42,30 @@ FAULT = "envoy.filters.http.fault"
 ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS_TRANSPORT = "envoy.transport_sockets.tls"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
+# Pilot's shape of mTLS (docs/proxy.md): cluster metadata istio.mtls (and optionally
+# istio.subject_alt_names), inbound listener metadata istio.auth_policy and istio.mtls_permissive.
+MUTUAL_TLS = "MUTUAL_TLS"
 
 _HCM_TYPE = "type.googleapis.com/" + hcm.HttpConnectionManager.DESCRIPTOR.full_name
 _TCP_TYPE = "type.googleapis.com/" + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
 _ZIPKIN_TYPE = "type.googleapis.com/" + zipkin_pb2.ZipkinConfig.DESCRIPTOR.full_name
 _MONGO_TYPE = "type.googleapis.com/" + mongo_proxy_pb2.MongoProxy.DESCRIPTOR.full_name
 _FAULT_TYPE = "type.googleapis.com/" + fault_pb2.HTTPFault.DESCRIPTOR.full_name
+_UPSTREAM_TLS_TYPE = "type.googleapis.com/" + tls_pb2.UpstreamTlsContext.DESCRIPTOR.full_name
+_DOWNSTREAM_TLS_TYPE = "type.googleapis.com/" + tls_pb2.DownstreamTlsContext.DESCRIPTOR.full_name
+_TLS_VERSIONS = {
+    common_pb2.TlsParameters.TLS_AUTO: "",
+    common_pb2.TlsParameters.TLSv1_2: "TLSv1_2",
+    common_pb2.TlsParameters.TLSv1_3: "TLSv1_3",
+}
+# SubjectAltNameMatcher types as Python's getpeercert() names them.
+_SAN_TYPES = {
+    common_pb2.SubjectAltNameMatcher.EMAIL: "email",
+    common_pb2.SubjectAltNameMatcher.DNS: "DNS",
+    common_pb2.SubjectAltNameMatcher.URI: "URI",
+    common_pb2.SubjectAltNameMatcher.IP_ADDRESS: "IP Address",
+}
 _DENOMINATORS = {
     percent_pb2.FractionalPercent.HUNDRED: 10_000,
     percent_pb2.FractionalPercent.TEN_THOUSAND: 100,
@@ -441,8 +459,6 @@ def _tcp_proxy(
 def _chain(
     name: str, chain: listener_components_pb2.FilterChain
 ) -> rt.HttpManager | rt.TcpProxy | None:
-    if chain.HasField("transport_socket"):
-        raise CompileError("listener", name, "TLS listeners are not supported yet")
     if not chain.filters:
         raise CompileError("listener", name, "a filter chain without network filters")
     network_filter = chain.filters[-1]
@@ -466,29 +482,192 @@ def listener(resource: listener_pb2.Listener) -> rt.Listener:
         raise CompileError("listener", name, "only socket addresses are supported")
     address = resource.address.socket_address
     for listener_filter in resource.listener_filters:
-        if listener_filter.name != ORIGINAL_DST_FILTER:
+        if listener_filter.name not in (ORIGINAL_DST_FILTER, TLS_INSPECTOR):
             raise CompileError(
                 "listener", name, f"unsupported listener filter {listener_filter.name}"
             )
-    chains = [c for c in resource.filter_chains if not c.HasField("filter_chain_match")]
-    if len(chains) != len(resource.filter_chains):
-        raise CompileError("listener", name, "filter_chain_match is not supported yet")
-    if len(chains) > 1:
-        raise CompileError("listener", name, "more than one filter chain without a match")
-    if chains:
-        chain = _chain(name, chains[0])
-    elif resource.HasField("default_filter_chain"):
-        chain = _chain(name, resource.default_filter_chain)
+    tls_chain, plain_chain = _chains_by_transport(name, resource)
+    tls: rt.DownstreamTls | None = None
+    if tls_chain is not None:
+        tls = _downstream_tls(name, tls_chain.transport_socket, permissive=plain_chain is not None)
+        if plain_chain is not None and list(plain_chain.filters) != list(tls_chain.filters):
+            raise CompileError(
+                "listener",
+                name,
+                "the TLS and plaintext filter chains must carry the same network filters",
+            )
+        chosen: listener_components_pb2.FilterChain | None = tls_chain
     else:
-        chain = None
+        chosen = plain_chain
+        tls = _metadata_tls(name, resource.metadata)
+    if tls is not None and resource.use_original_dst.value:
+        raise CompileError("listener", name, "TLS on a use_original_dst listener")
     return rt.Listener(
         name=name,
         host=address.address,
         port=address.port_value,
         bind=not resource.HasField("bind_to_port") or resource.bind_to_port.value,
         use_original_dst=resource.use_original_dst.value,
-        chain=chain,
+        chain=_chain(name, chosen) if chosen is not None else None,
         inbound=resource.traffic_direction == base_pb2.TrafficDirection.INBOUND,
+        tls=tls,
+    )
+
+
+def _chains_by_transport(
+    name: str, resource: listener_pb2.Listener
+) -> tuple[listener_components_pb2.FilterChain | None, listener_components_pb2.FilterChain | None]:
+    """The chain for TLS connections and the one for plaintext, as Envoy picks them by
+    filter_chain_match.transport_protocol ("tls" from the tls_inspector, else "raw_buffer"):
+    a chain matching the transport exactly first, then the one without a match (which takes
+    every connection), then default_filter_chain. A chain terminates TLS when it has a
+    transport socket."""
+    exact: dict[str, listener_components_pb2.FilterChain] = {}
+    catch_all = None
+    for chain in resource.filter_chains:
+        match = chain.filter_chain_match
+        if chain.HasField("filter_chain_match"):
+            probe = listener_components_pb2.FilterChainMatch()
+            probe.CopyFrom(match)
+            probe.ClearField("transport_protocol")
+            if probe.ByteSize():
+                raise CompileError(
+                    "listener", name, "filter_chain_match is supported on transport_protocol only"
+                )
+        transport = match.transport_protocol
+        terminates = chain.HasField("transport_socket")
+        if transport == "tls" and not terminates:
+            raise CompileError(
+                "listener", name, "a tls filter chain without a transport socket (passthrough)"
+            )
+        if transport == "raw_buffer" and terminates:
+            raise CompileError("listener", name, "a raw_buffer filter chain with a TLS socket")
+        if transport not in ("", "tls", "raw_buffer"):
+            raise CompileError("listener", name, f"unsupported transport_protocol {transport!r}")
+        if not transport:
+            if catch_all is not None:
+                raise CompileError("listener", name, "more than one filter chain without a match")
+            catch_all = chain
+        elif transport in exact:
+            raise CompileError("listener", name, f"more than one {transport} filter chain")
+        else:
+            exact[transport] = chain
+    if catch_all is None and resource.HasField("default_filter_chain"):
+        catch_all = resource.default_filter_chain
+    tls_chain = exact.get("tls")
+    plain_chain = exact.get("raw_buffer")
+    if catch_all is not None:
+        if catch_all.HasField("transport_socket"):
+            tls_chain = tls_chain or catch_all
+        else:
+            plain_chain = plain_chain or catch_all
+    return tls_chain, plain_chain
+
+
+def _metadata_tls(name: str, metadata: base_pb2.Metadata) -> rt.DownstreamTls | None:
+    """Pilot's inbound listener metadata: istio.auth_policy MUTUAL_TLS (the mesh's
+    certificates), istio.mtls_permissive for plaintext too."""
+    istio = metadata.filter_metadata.get(ISTIO_METADATA)
+    if istio is None or "auth_policy" not in istio.fields:
+        return None
+    policy = istio.fields["auth_policy"].string_value
+    if policy == "NONE":
+        return None
+    if policy != MUTUAL_TLS:
+        raise CompileError("listener", name, f"unknown auth_policy {policy!r}")
+    permissive = (
+        istio.fields["mtls_permissive"].bool_value if "mtls_permissive" in istio.fields else False
+    )
+    return rt.DownstreamTls(permissive=permissive)
+
+
+def _filename(kind: str, name: str, source: base_pb2.DataSource, what: str) -> str:
+    if source.WhichOneof("specifier") != "filename" or not source.filename:
+        raise CompileError(kind, name, f"{what} must name a file (inline and SDS are unsupported)")
+    return str(source.filename)
+
+
+def _san_matcher(
+    kind: str, name: str, san_type: str, matcher: string_pb2.StringMatcher
+) -> rt.SanMatcher:
+    pattern = matcher.WhichOneof("match_pattern")
+    ignore = matcher.ignore_case
+    if pattern == "exact":
+        return rt.SanMatcher(san_type, rt.MatchKind.EXACT, matcher.exact, None, ignore)
+    if pattern == "prefix":
+        return rt.SanMatcher(san_type, rt.MatchKind.PREFIX, matcher.prefix, None, ignore)
+    if pattern == "suffix":
+        return rt.SanMatcher(san_type, rt.MatchKind.SUFFIX, matcher.suffix, None, ignore)
+    if pattern == "contains":
+        return rt.SanMatcher(san_type, rt.MatchKind.CONTAINS, matcher.contains, None, ignore)
+    if pattern == "safe_regex":
+        compiled = _regex(kind, name, matcher.safe_regex.regex)
+        return rt.SanMatcher(san_type, rt.MatchKind.REGEX, "", compiled)
+    raise CompileError(kind, name, f"unsupported subject alt name match {pattern}")
+
+
+def _common_tls(
+    kind: str, name: str, common: tls_pb2.CommonTlsContext
+) -> tuple[str, str, str, tuple[rt.SanMatcher, ...], tuple[str, str]]:
+    """cert chain, key and trusted CA files, SAN matchers, (min, max) TLS versions."""
+    if (
+        common.tls_certificate_sds_secret_configs
+        or common.HasField("tls_certificate_provider_instance")
+        or common.WhichOneof("validation_context_type") not in (None, "validation_context")
+    ):
+        raise CompileError(
+            kind, name, "TLS secrets must be files (SDS and providers are unsupported)"
+        )
+    if len(common.tls_certificates) > 1:
+        raise CompileError(kind, name, "more than one TLS certificate")
+    cert_chain = key = ""
+    for certificate in common.tls_certificates:
+        cert_chain = _filename(kind, name, certificate.certificate_chain, "certificate_chain")
+        key = _filename(kind, name, certificate.private_key, "private_key")
+    validation = common.validation_context
+    trusted_ca = ""
+    if validation.HasField("trusted_ca"):
+        trusted_ca = _filename(kind, name, validation.trusted_ca, "trusted_ca")
+    sans = []
+    for typed in validation.match_typed_subject_alt_names:
+        if typed.san_type not in _SAN_TYPES:
+            raise CompileError(kind, name, f"unsupported subject alt name type {typed.san_type}")
+        sans.append(_san_matcher(kind, name, _SAN_TYPES[typed.san_type], typed.matcher))
+    sans += [_san_matcher(kind, name, "", m) for m in validation.match_subject_alt_names]
+    params = common.tls_params
+    versions = []
+    for version in (params.tls_minimum_protocol_version, params.tls_maximum_protocol_version):
+        if version not in _TLS_VERSIONS:
+            raise CompileError(kind, name, "TLS versions below 1.2 are refused")
+        versions.append(_TLS_VERSIONS[version])
+    return cert_chain, key, trusted_ca, tuple(sans), (versions[0], versions[1])
+
+
+def _downstream_tls(
+    name: str, socket: base_pb2.TransportSocket, *, permissive: bool
+) -> rt.DownstreamTls:
+    if socket.typed_config.type_url != _DOWNSTREAM_TLS_TYPE:
+        raise CompileError("listener", name, f"unsupported transport socket {socket.name}")
+    context = tls_pb2.DownstreamTlsContext()
+    socket.typed_config.Unpack(context)
+    cert_chain, key, trusted_ca, sans, (low, high) = _common_tls(
+        "listener", name, context.common_tls_context
+    )
+    if not cert_chain:
+        raise CompileError("listener", name, "a DownstreamTlsContext needs a TLS certificate")
+    require = context.require_client_certificate.value
+    if require and not trusted_ca:
+        raise CompileError(
+            "listener", name, "require_client_certificate needs validation_context.trusted_ca"
+        )
+    return rt.DownstreamTls(
+        files=rt.TlsFiles(cert_chain, key, trusted_ca),
+        require_client_certificate=require,
+        permissive=permissive,
+        alpn=tuple(context.common_tls_context.alpn_protocols),
+        subject_alt_names=sans,
+        min_version=low,
+        max_version=high,
     )
 
 
@@ -579,13 +758,19 @@ def cluster(resource: cluster_pb2.Cluster) -> rt.Cluster:
         common = options.common_http_protocol_options
         max_per_connection = common.max_requests_per_connection.value or max_per_connection
     tls_sni = None
+    mtls = None
     if resource.HasField("transport_socket"):
         socket = resource.transport_socket
-        if socket.name != TLS_TRANSPORT:
+        if socket.name != TLS_TRANSPORT and socket.typed_config.type_url != _UPSTREAM_TLS_TYPE:
             raise CompileError("cluster", name, f"unsupported transport socket {socket.name}")
         tls = tls_pb2.UpstreamTlsContext()
         socket.typed_config.Unpack(tls)
-        tls_sni = tls.sni
+        if tls.common_tls_context.tls_certificates:
+            mtls = _upstream_tls(name, tls)
+        else:
+            tls_sni = tls.sni
+    else:
+        mtls = _metadata_mtls(name, resource.metadata)
     endpoints: tuple[rt.Endpoint, ...] = ()
     if cluster_type in (
         rt.ClusterType.STATIC,
@@ -609,4 +794,45 @@ def cluster(resource: cluster_pb2.Cluster) -> rt.Cluster:
         max_requests_per_connection=max_per_connection,
         http2=http2,
         tls_sni=tls_sni,
+        mtls=mtls,
     )
+
+
+def _upstream_tls(name: str, context: tls_pb2.UpstreamTlsContext) -> rt.UpstreamTls:
+    """An UpstreamTlsContext with a client certificate: mutual TLS, the server verified."""
+    cert_chain, key, trusted_ca, sans, (low, high) = _common_tls(
+        "cluster", name, context.common_tls_context
+    )
+    if not trusted_ca:
+        raise CompileError(
+            "cluster", name, "mutual TLS needs validation_context.trusted_ca to verify the server"
+        )
+    return rt.UpstreamTls(
+        files=rt.TlsFiles(cert_chain, key, trusted_ca),
+        sni=context.sni,
+        alpn=tuple(context.common_tls_context.alpn_protocols),
+        subject_alt_names=sans,
+        min_version=low,
+        max_version=high,
+    )
+
+
+def _metadata_mtls(name: str, metadata: base_pb2.Metadata) -> rt.UpstreamTls | None:
+    """Pilot's cluster metadata: istio.mtls true (the mesh's certificates), and the SPIFFE ids
+    the server may have in istio.subject_alt_names (exact URIs; absent: any in the trust
+    domain)."""
+    istio = metadata.filter_metadata.get(ISTIO_METADATA)
+    if istio is None or "mtls" not in istio.fields or not istio.fields["mtls"].bool_value:
+        return None
+    names = istio.fields.get("subject_alt_names")
+    matchers: list[rt.SanMatcher] = []
+    if names is not None:
+        if names.WhichOneof("kind") != "list_value":
+            raise CompileError("cluster", name, "metadata istio.subject_alt_names must be a list")
+        for value in names.list_value.values:
+            if value.WhichOneof("kind") != "string_value":
+                raise CompileError(
+                    "cluster", name, "metadata istio.subject_alt_names must hold strings"
+                )
+            matchers.append(rt.SanMatcher("URI", rt.MatchKind.EXACT, value.string_value))
+    return rt.UpstreamTls(subject_alt_names=tuple(matchers))

@@ -327,6 +327,80 @@ class TcpProxy:
 
 
 @dataclass(frozen=True, slots=True)
+class SanMatcher:
+    """Envoy's SubjectAltNameMatcher: a SAN of `san_type` (getpeercert()'s names: "URI",
+    "DNS", "email", "IP Address"; "" for any) whose value matches."""
+
+    san_type: str
+    kind: MatchKind
+    value: str = ""
+    pattern: re.Pattern[str] | None = None
+    ignore_case: bool = False
+
+    def matches(self, sans: tuple[tuple[str, str], ...]) -> bool:
+        for san_type, actual in sans:
+            if self.san_type and san_type != self.san_type:
+                continue
+            value = self.value
+            if self.ignore_case:
+                actual, value = actual.lower(), value.lower()
+            kind = self.kind
+            if kind is MatchKind.EXACT:
+                found = actual == value
+            elif kind is MatchKind.PREFIX:
+                found = actual.startswith(value)
+            elif kind is MatchKind.SUFFIX:
+                found = actual.endswith(value)
+            elif kind is MatchKind.CONTAINS:
+                found = value in actual
+            else:
+                assert self.pattern is not None
+                found = self.pattern.fullmatch(actual) is not None
+            if found:
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files, as an Envoy DataSource `filename` names them."""
+
+    cert_chain: str
+    private_key: str
+    trusted_ca: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """Mutual TLS a cluster originates: this proxy's certificate (`files` None: the mesh's,
+    from --cert-dir), the server checked against the root, its SPIFFE id against the trust
+    domain and, when given, `subject_alt_names` (any one matching)."""
+
+    files: TlsFiles | None = None
+    sni: str = ""
+    alpn: tuple[str, ...] = ()  # empty: by use (HTTP/1.1 or TCP), see istio.proxy.tls
+    subject_alt_names: tuple[SanMatcher, ...] = ()
+    min_version: str = ""  # "TLSv1_2", "TLSv1_3"; empty: TLS 1.2
+    max_version: str = ""  # empty: TLS 1.3
+
+
+@dataclass(frozen=True, slots=True)
+class DownstreamTls:
+    """TLS an inbound listener terminates. With `require_client_certificate` the peer must
+    present a certificate from the root whose SPIFFE id is in the trust domain (and matches
+    `subject_alt_names` when given); `permissive` takes plaintext on the same port too, told
+    apart by the first bytes (a TLS ClientHello or not)."""
+
+    files: TlsFiles | None = None
+    require_client_certificate: bool = True
+    permissive: bool = False
+    alpn: tuple[str, ...] = ()  # empty: by the chain (HTTP/1.1 or TCP), see istio.proxy.tls
+    subject_alt_names: tuple[SanMatcher, ...] = ()
+    min_version: str = ""
+    max_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     host: str
@@ -335,6 +409,7 @@ class Listener:
     use_original_dst: bool
     chain: HttpManager | TcpProxy | None  # None: close every connection (no chain)
     inbound: bool = False
+    tls: DownstreamTls | None = None  # set: TLS terminated here (mTLS from other sidecars)
 
 
 class ClusterType(enum.Enum):
@@ -390,6 +465,7 @@ class Cluster:
     max_requests_per_connection: int = 0  # 0: unlimited
     http2: bool = False
     tls_sni: str | None = None  # set: originate TLS with this SNI ("" for the request host)
+    mtls: UpstreamTls | None = None  # set: originate mutual TLS (sidecar to sidecar)
 
 
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:

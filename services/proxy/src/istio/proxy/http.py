@@ -59,6 +59,7 @@ from istio.proxy.writes import CorkedWrites
 if TYPE_CHECKING:
     from istio.proxy.context import Context
     from istio.proxy.stats import HttpStats
+    from istio.proxy.tls import PeerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,12 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
         self.stats: HttpStats | None = None
         # After a 101: the exchange whose tunnel carries this connection's bytes, raw.
         self.tunnel: Exchange | None = None
+        # The verified client of an mTLS connection (source.user, connection.mtls for Mixer),
+        # set by the listener before connection_made; None: plaintext.
+        self.peer_identity: PeerIdentity | None = None
+        # On a listener with TLS: the x-forwarded-client-cert line requests get (b"" without
+        # a verified client); whatever the client sent is dropped. None: passed through.
+        self.xfcc: bytes | None = None
 
     # asyncio.Protocol
 
@@ -179,6 +186,13 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        if self.listener is not None and self.listener.tls is not None:
+            identity = self.peer_identity
+            self.xfcc = (
+                b"x-forwarded-client-cert: %b\r\n" % identity.xfcc().encode()
+                if identity is not None and identity.spiffe_id
+                else b""
+            )
         if self.registry is not None:
             self.registry.add(self)
         chain = self.listener.chain if self.listener is not None else None
@@ -843,6 +857,11 @@ class Exchange:
             b"%b %b HTTP/1.1\r\nhost: %b\r\n"
             % (self.method, path.encode("latin-1"), authority.encode("latin-1"))
         ]
+        xfcc = self.conn.xfcc
+        if xfcc is not None:  # Envoy's SANITIZE_SET: only this proxy says who the client is
+            removed.add(b"x-forwarded-client-cert")
+            if xfcc:
+                lines.append(xfcc)
         has_request_id = has_proto = False
         forwarded_for = b""
         span = self.span
@@ -1261,7 +1280,7 @@ class Exchange:
     async def _connect_tunnel(self) -> None:
         """CONNECT host:port, as an explicit proxy: allowed when the listener for that port
         has a route for that authority (a mesh service or an EgressRule's host), tunnelled
-        as plain TCP to the host the route's cluster picks."""
+        as TCP (inside mutual TLS to a sidecar) to the host the route's cluster picks."""
         conn = self.conn
         self.authority = self.target.decode("latin-1")
         self.path = ""

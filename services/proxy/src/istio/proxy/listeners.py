@@ -6,7 +6,9 @@ reach them through the virtual listener (15001), by their original destination w
 redirected them, else by the port of each request's authority. A listener that changes keeps
 its socket and serves new connections with the new config; one that goes away stops accepting
 and its connections drain: each finishes the request in flight, then closes, and whatever is
-left after the drain timeout is closed.
+left after the drain timeout is closed. A listener with TLS (mutual TLS from other sidecars)
+starts each connection with `istio.proxy.tls.Acceptor`, which hands it to the chain's protocol
+once the client's identity is checked, or at once when it is plaintext on a permissive port.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from istio.proxy.config import HttpManager, Listener, Snapshot, TcpProxy
 from istio.proxy.context import Context
 from istio.proxy.http import HttpConnection, original_destination
 from istio.proxy.tcp import TcpConnection
+from istio.proxy.tls import ALPN_SERVER_HTTP, ALPN_SERVER_TCP, Acceptor, PeerIdentity, TlsManager
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +37,45 @@ def connection_for(
     listener: Listener,
     original_dst: tuple[str, int] | None,
     registry: set[asyncio.Protocol],
+    tls: TlsManager | None = None,
+    stat_name: str = "",
+) -> asyncio.Protocol | None:
+    """The protocol a connection to `listener` starts with: its chain's, or, when the
+    listener terminates TLS, the `Acceptor` that hands over to the chain's after the
+    handshake (or at once for plaintext on a permissive port)."""
+    settings = listener.tls
+    if settings is None:
+        return _chain_connection(context, listener, original_dst, registry, None)
+    alpn = ALPN_SERVER_HTTP if isinstance(listener.chain, HttpManager) else ALPN_SERVER_TCP
+
+    def serve(identity: PeerIdentity | None) -> asyncio.Protocol | None:
+        return _chain_connection(context, listener, original_dst, registry, identity)
+
+    stats = context.stats.protocol_stats("ssl", f"listener.{stat_name or listener.name}")
+    return Acceptor(tls or TlsManager(None), settings, alpn, stats, serve)
+
+
+def _chain_connection(
+    context: Context,
+    listener: Listener,
+    original_dst: tuple[str, int] | None,
+    registry: set[asyncio.Protocol],
+    identity: PeerIdentity | None,
 ) -> asyncio.Protocol | None:
     chain = listener.chain
     if isinstance(chain, HttpManager):
-        return HttpConnection(
+        connection = HttpConnection(
             context,
             listener,
             original_dst=original_dst,
             on_close=registry,  # type: ignore[arg-type]
         )
+        connection.peer_identity = identity
+        return connection
     if isinstance(chain, TcpProxy):
-        return TcpConnection(context, chain, original_dst, registry)
+        tcp = TcpConnection(context, chain, original_dst, registry)
+        tcp.peer_identity = identity
+        return tcp
     return None
 
 
@@ -71,7 +102,7 @@ class _Dispatch(asyncio.Protocol):
         else:
             target = context.snapshot.listener_for_port(destination[1], destination[0])
             protocol = connection_for(
-                context, target or bound.listener, destination, bound.connections
+                context, target or bound.listener, destination, bound.connections, bound.tls
             )
         if protocol is None:
             transport.close()
@@ -81,10 +112,13 @@ class _Dispatch(asyncio.Protocol):
 
 
 class BoundListener:
-    def __init__(self, context: Context, listener: Listener, address: str) -> None:
+    def __init__(
+        self, context: Context, listener: Listener, address: str, tls: TlsManager | None = None
+    ) -> None:
         self.context = context
         self.listener = listener
         self.address = address
+        self.tls = tls
         self.server: asyncio.Server | None = None
         self.connections = ConnectionSet()
         self.stat_name = f"{address}_{listener.port}"
@@ -97,7 +131,9 @@ class BoundListener:
         if listener.use_original_dst:
             return _Dispatch(self)
         self.accepted()
-        protocol = connection_for(self.context, listener, None, self.connections)
+        protocol = connection_for(
+            self.context, listener, None, self.connections, self.tls, self.stat_name
+        )
         return protocol if protocol is not None else _Closer()
 
     async def start(self, reuse_port: bool) -> None:
@@ -153,10 +189,19 @@ class _Closer(asyncio.Protocol):
 
 
 class ListenerManager:
-    def __init__(self, context: Context, bind_address: str, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        context: Context,
+        bind_address: str,
+        *,
+        reuse_port: bool = False,
+        tls: TlsManager | None = None,
+    ) -> None:
         self.context = context
         self.bind_address = bind_address
         self.reuse_port = reuse_port
+        # Without one, a listener that asks for TLS refuses TLS (no certificate to serve).
+        self.tls = tls or TlsManager(None)
         self.bound: dict[str, BoundListener] = {}
         self.draining: set[asyncio.Task[None]] = set()
         self.errors: dict[str, str] = {}
@@ -182,7 +227,7 @@ class ListenerManager:
             if existing is not None:
                 existing.listener = listener
                 continue
-            bound = BoundListener(self.context, listener, self.address_of(listener))
+            bound = BoundListener(self.context, listener, self.address_of(listener), self.tls)
             try:
                 await bound.start(self.reuse_port)
             except OSError as error:

@@ -3,7 +3,7 @@
     pilot-agent proxy sidecar|ingress|egress --discovery-address H:P [--node-id ID]
                 [--bind-address IP] [--admin-port 15000] [--stats-port 15090]
                 [--concurrency N] [--meta KEY=VALUE]... [--hosts-file FILE]
-                [--access-log PATH|off] [--log-level L]
+                [--access-log PATH|off] [--cert-dir DIR] [--trust-domain TD] [--log-level L]
 
 The node id is `<type>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` from --node-id,
 else from INSTANCE_IP (default: the bind address), POD_NAME and POD_NAMESPACE. Node metadata
@@ -30,6 +30,7 @@ from istio.proxy.admin import serve as serve_admin
 from istio.proxy.agent import Agent, Node
 from istio.proxy.context import AccessLog, Context, Limits
 from istio.proxy.listeners import ListenerManager
+from istio.proxy.tls import DEFAULT_CERT_DIR, DEFAULT_TRUST_DOMAIN, TlsManager
 from istio.proxy.upstream import Resolver
 from istio.proxy.workers import STATS_FD_FLAG, Worker, merged_stats, serve_stats
 from istio.proxy.workers import spawn as spawn_workers
@@ -76,6 +77,16 @@ def parser() -> argparse.ArgumentParser:
     )
     proxy.add_argument("--hosts-file", default=os.environ.get("MESH_HOSTS_FILE"))
     proxy.add_argument("--access-log", default="/dev/stdout", help="a path, - or off")
+    proxy.add_argument(
+        "--cert-dir",
+        default=DEFAULT_CERT_DIR,
+        help="mTLS: cert-chain.pem, key.pem and root-cert.pem, reloaded when they change",
+    )
+    proxy.add_argument(
+        "--trust-domain",
+        default=DEFAULT_TRUST_DOMAIN,
+        help="mTLS: peers' SPIFFE ids must be in this trust domain",
+    )
     proxy.add_argument("--drain-seconds", type=float, default=5.0)
     proxy.add_argument("--request-headers-timeout", type=float, default=10.0)
     proxy.add_argument("--log-level", choices=LOG_LEVELS, default="info")
@@ -134,7 +145,9 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         access_log=AccessLog.open(args.access_log),
         service_name=args.service_cluster,
     )
-    listeners = ListenerManager(context, args.bind_address, reuse_port=reuse_port)
+    tls = TlsManager(args.cert_dir, args.trust_domain)
+    context.clusters.tls = tls
+    listeners = ListenerManager(context, args.bind_address, reuse_port=reuse_port, tls=tls)
     node = Node(node_id(args), dict(args.meta))
     agent = Agent(node, args.discovery_address, context, listeners)
     loop = asyncio.get_running_loop()

@@ -29,7 +29,8 @@ from istio.proxy.context import Context
 from istio.proxy.mongo import MongoSniffer
 from istio.proxy.redis import RedisSniffer
 from istio.proxy.stats import ClusterStats, TcpStats
-from istio.proxy.upstream import Address, ClusterRuntime, HostState
+from istio.proxy.tls import ALPN_TCP, PeerIdentity, remember_session
+from istio.proxy.upstream import Address, ClusterRuntime, ConnectFailure, HostState
 
 
 class ProtocolSniffer(Protocol):
@@ -116,6 +117,9 @@ class TcpConnection(asyncio.Protocol):
         self.closed = False
         self.last_activity = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
+        # The verified client of an mTLS connection (set by the listener); None: plaintext.
+        self.peer_identity: PeerIdentity | None = None
+        self.session_pending = False  # mTLS upstream: its session is kept at its first reply
 
     # the downstream transport
 
@@ -150,13 +154,10 @@ class TcpConnection(asyncio.Protocol):
         self.task = self.loop.create_task(self._connect(runtime, host))
 
     async def _connect(self, runtime: ClusterRuntime, host: HostState) -> None:
-        name, port = host.address
         try:
             async with asyncio.timeout(runtime.config.connect_timeout or None):
-                upstream, _ = await self.loop.create_connection(
-                    lambda: _Upstream(self), runtime.resolver.resolve(name), port
-                )
-        except (OSError, TimeoutError):
+                upstream, _ = await runtime.open(lambda: _Upstream(self), host, ALPN_TCP)
+        except (ConnectFailure, TimeoutError):
             if self.cluster_stats is not None:
                 self.cluster_stats.cx_connect_fail += 1
             runtime.record(host, 503)
@@ -170,6 +171,7 @@ class TcpConnection(asyncio.Protocol):
             upstream.close()
             return
         self.upstream = upstream
+        self.session_pending = runtime.config.mtls is not None
         self.sniffer = _sniffer(self.context, self.config)
         self.last_activity = self.loop.time()
         pending, self.pending = self.pending, []
@@ -229,6 +231,10 @@ class TcpConnection(asyncio.Protocol):
     # the upstream transport (through _Upstream)
 
     def from_upstream(self, data: bytes) -> None:
+        if self.session_pending:
+            self.session_pending = False
+            if self.upstream is not None:
+                remember_session(self.upstream)
         size = len(data)
         self.stats.cx_tx_bytes_total += size
         if self.cluster_stats is not None:

@@ -15,18 +15,20 @@ every event to the `UpstreamHandler` (the request being proxied) attached to it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol, cast
 
 import httptools
 
 from istio.proxy.config import Cluster, ClusterType, Endpoint, LbPolicy
-from istio.proxy.stats import ClusterStats, Stats
+from istio.proxy.stats import ClusterStats, ProtocolStats, Stats
+from istio.proxy.tls import ALPN_HTTP1, TlsError, TlsManager, remember_session
 from istio.proxy.writes import CorkedWrites
 
 Address = tuple[str, int]
@@ -107,6 +109,7 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
         "reading_paused",
         "requests",
         "response_started",
+        "session_pending",
         "skip",
         "transport",
         "tunnel",
@@ -133,6 +136,7 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
         self._until_close = False
         self.upgraded: list[bytes] | None = None  # after a 101: raw bytes not yet tunnelled
         self.tunnel: TunnelEnd | None = None  # after the tunnel opened: all bytes go here
+        self.session_pending = False  # mTLS: its session is kept once a response came back
 
     # asyncio.Protocol
 
@@ -308,10 +312,15 @@ class ClusterRuntime:
         endpoints: tuple[Endpoint, ...],
         stats: ClusterStats,
         resolver: Resolver,
+        *,
+        tls: TlsManager | None = None,
+        ssl_stats: Callable[[], ProtocolStats] | None = None,
     ) -> None:
         self.config = config
         self.stats = stats
         self.resolver = resolver
+        self.tls = tls
+        self._ssl_stats = ssl_stats
         self.hosts: dict[Address, HostState] = {}
         self.order: list[HostState] = []
         self.connections = 0
@@ -440,8 +449,9 @@ class ClusterRuntime:
         return await self._connect(host)
 
     async def connect_tunnel(self, host: HostState) -> UpstreamConnection:
-        """A new connection for a CONNECT tunnel: counted like any, never pooled, and plain
-        TCP whatever the cluster originates (the client speaks its own TLS through it)."""
+        """A new connection for a CONNECT tunnel: counted like any, never pooled, and without
+        the TLS to an external host a cluster may originate (the client speaks its own TLS
+        through it). Mutual TLS to another sidecar stays: that sidecar takes nothing else."""
         return await self._connect(host, plain=True)
 
     async def _connect(self, host: HostState, *, plain: bool = False) -> UpstreamConnection:
@@ -449,34 +459,75 @@ class ClusterRuntime:
         self.stats.cx_total += 1
         self.stats.cx_active += 1
         name, port = host.address
-        tls = None
-        server_hostname = None
-        if self.config.tls_sni is not None and not plain:
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            tls = self._ssl
-            server_hostname = self.config.tls_sni or name
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.config.connect_timeout or None):
-                _, connection = await loop.create_connection(
-                    lambda: UpstreamConnection(self, host),
-                    self.resolver.resolve(name),
-                    port,
-                    ssl=tls,
-                    server_hostname=server_hostname,
+                _, protocol = await self.open(
+                    lambda: UpstreamConnection(self, host), host, ALPN_HTTP1, plain=plain
                 )
-        except (OSError, TimeoutError, ssl.SSLError) as error:
+        except ConnectFailure:
             self.connections -= 1
             self.stats.cx_active -= 1
             self.stats.cx_connect_fail += 1
             self._wake()
-            raise ConnectFailure(f"{name}:{port}: {error or type(error).__name__}") from None
+            raise
+        except TimeoutError:
+            self.connections -= 1
+            self.stats.cx_active -= 1
+            self.stats.cx_connect_fail += 1
+            self._wake()
+            raise ConnectFailure(f"{name}:{port}: connect timeout") from None
+        connection = cast(UpstreamConnection, protocol)
+        connection.session_pending = self.config.mtls is not None
         return connection
+
+    async def open(
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        host: HostState,
+        alpn: tuple[str, ...],
+        *,
+        plain: bool = False,
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        """A connection to `host` for `factory()`'s protocol: mutual TLS when the cluster
+        originates it (the server's identity checked first), TLS to an external host when it
+        originates that and not `plain`, else TCP. ConnectFailure names the host and the
+        reason; the caller bounds the time."""
+        name, port = host.address
+        address = self.resolver.resolve(name)
+        loop = asyncio.get_running_loop()
+        mtls = self.config.mtls
+        try:
+            if mtls is not None:
+                return await (self.tls or TlsManager(None)).connect(
+                    factory, address, port, mtls, alpn, self.ssl_stats()
+                )
+            tls = None
+            server_hostname = None
+            if self.config.tls_sni is not None and not plain:
+                if self._ssl is None:
+                    self._ssl = ssl.create_default_context()
+                tls = self._ssl
+                server_hostname = self.config.tls_sni or name
+            transport, protocol = await loop.create_connection(
+                factory, address, port, ssl=tls, server_hostname=server_hostname
+            )
+            return transport, protocol
+        except (OSError, ssl.SSLError, TlsError) as error:
+            raise ConnectFailure(f"{name}:{port}: {error or type(error).__name__}") from None
+
+    def ssl_stats(self) -> ProtocolStats:
+        """`ssl.cluster.<name>.*`: handshakes, resumptions and refusals of its mTLS."""
+        if self._ssl_stats is None:
+            return ProtocolStats()
+        return self._ssl_stats()
 
     def release(self, connection: UpstreamConnection) -> None:
         """A connection whose exchange completed cleanly: reuse it or close it."""
         connection.detach()
+        if connection.session_pending:
+            connection.session_pending = False
+            if connection.transport is not None:
+                remember_session(connection.transport)
         connection.uncork()
         if connection.reading_paused:  # held back for its last client: the next must read
             connection.pause_reading(False)
@@ -517,9 +568,12 @@ class ClusterRuntime:
 class ClusterManager:
     """The live clusters, kept in step with each snapshot."""
 
-    def __init__(self, stats: Stats, resolver: Resolver) -> None:
+    def __init__(self, stats: Stats, resolver: Resolver, tls: TlsManager | None = None) -> None:
         self.stats = stats
         self.resolver = resolver
+        # the proxy's certificates for clusters that originate mTLS (set before the first
+        # snapshot: main.py); without, those clusters fail to connect, saying why
+        self.tls = tls
         self.clusters: dict[str, ClusterRuntime] = {}
 
     def apply(
@@ -535,7 +589,14 @@ class ClusterManager:
             runtime = self.clusters.get(name)
             if runtime is None:
                 runtime = ClusterRuntime(
-                    config, members, self.stats.cluster_stats(name), self.resolver
+                    config,
+                    members,
+                    self.stats.cluster_stats(name),
+                    self.resolver,
+                    tls=self.tls,
+                    ssl_stats=functools.partial(
+                        self.stats.protocol_stats, "ssl", f"cluster.{name}"
+                    ),
                 )
             else:
                 runtime.update(config, members)

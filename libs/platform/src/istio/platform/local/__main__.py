@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from istio.platform.local.layout import Layout
+from istio.platform.local.layout import AUTH_MODES, Layout
 from istio.platform.local.mesh import down, parse_hosts, up
 
 
@@ -44,6 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="HOST:PORT",
         help="a Zipkin collector: every proxy sends it spans (default $ZIPKIN_ADDRESS; off)",
     )
+    parser.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default="none",
+        help="none: plaintext between proxies (0.2's default); mtls: istio-ca, a node agent "
+        "per proxy and mutual TLS only; permissive: mutual TLS, plaintext accepted too",
+    )
     args = parser.parse_args(argv)
     try:
         layout = Layout(
@@ -54,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.ingress_port,
             parse_hosts(args.host),
             zipkin_address=args.zipkin_address,
+            auth=args.auth,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -37,7 +37,14 @@ from istio.platform.local.layout import (
     service_entry,
     write_atomically,
 )
-from istio.platform.local.mesh import app_env, read_state, sidecar_argv
+from istio.platform.local.mesh import (
+    app_env,
+    node_agent_argv,
+    read_state,
+    sidecar_argv,
+    token_argv,
+    write_private,
+)
 
 BIN = Path(sys.executable).parent
 READY_MARKER = "The mesh is ready"
@@ -64,9 +71,14 @@ class LocalDriver:
         network: str = "127.0.1",
         hosts: Mapping[str, str] | None = None,
         zipkin_address: str = "",
+        auth: str = "none",
     ) -> None:
         self.layout = Layout(
-            mesh_dir, network, extra_hosts=dict(hosts or {}), zipkin_address=zipkin_address
+            mesh_dir,
+            network,
+            extra_hosts=dict(hosts or {}),
+            zipkin_address=zipkin_address,
+            auth=auth,
         )
         self.propagation: list[float] = []
         self._applied: list[Path] = []
@@ -99,6 +111,8 @@ class LocalDriver:
             argv += ["--host", f"{name}={address}"]
         if self.layout.zipkin_address:
             argv += ["--zipkin-address", self.layout.zipkin_address]
+        if self.layout.mtls:
+            argv += ["--auth", self.layout.auth]
         return argv
 
     def deploy_bookinfo(self) -> None:
@@ -202,6 +216,12 @@ class LocalDriver:
                 return http(f"http://{w.ip}:{ADMIN_PORT}{path}")
         raise KeyError(workload)
 
+    def inbound_url(self, workload: str) -> str:
+        for w in self.layout.workloads:
+            if w.name == workload:
+                return f"http://{w.ip}:{w.service_port}"
+        raise KeyError(workload)
+
     def kill_workload(self, workload: str) -> None:
         state = read_state(self.layout.pid_file) or {}
         pid = state.get("children", {}).get(workload)
@@ -255,8 +275,10 @@ class LocalDriver:
         ]
         before = sync_state(self.pilot_address)
         self._spawn(app, w.name, app_argv, app_env(w))
-        self._spawn(app, f"{w.name}-sidecar", sidecar_argv(self.layout, w), {})
         deadline = time.monotonic() + APP_START_TIMEOUT
+        if self.layout.mtls:
+            self._certificates(app, w, deadline)
+        self._spawn(app, f"{w.name}-sidecar", sidecar_argv(self.layout, w), {})
         for url in (f"http://{w.ip}:{w.app_port}/health", f"http://{w.ip}:{ADMIN_PORT}/ready"):
             while (answer := http(url, timeout=2.0)).status != 200:
                 dead = [p.args for p in app.processes if p.poll() is not None]
@@ -269,6 +291,28 @@ class LocalDriver:
                 time.sleep(0.05)  # a process we just started; nothing to wait on but its port
         wait_for_propagation(self.pilot_address, before, proxies=self.proxies)
         return f"http://{w.ip}:{w.service_port}"
+
+    def _certificates(self, app: _TestApp, w: Workload, deadline: float) -> None:
+        """A node agent for the test app's sidecar, as the platform starts one per proxy
+        (a join token from `istio-ca token create`); until its certificate is written."""
+        made = subprocess.run(
+            token_argv(self.layout, w.identity), capture_output=True, text=True, check=False
+        )
+        if made.returncode != 0:
+            raise AssertionError(f"istio-ca token create: {made.stderr}")
+        cert_dir = self.layout.cert_dir(w.name)
+        write_private(cert_dir.with_suffix(".join-token"), made.stdout)
+        self._spawn(
+            app, f"{w.name}-node-agent", node_agent_argv(self.layout, w.name, w.identity), {}
+        )
+        while not (cert_dir / "cert-chain.pem").exists():
+            dead = [p.args for p in app.processes if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"no certificate for {w.name} in {cert_dir}; exited: {dead}; "
+                    f"logs in {self.layout.logs_dir}"
+                )
+            time.sleep(0.05)  # a process we just started; nothing to wait on but its file
 
     def _spawn(self, app: _TestApp, name: str, argv: list[str], env: dict[str, str]) -> None:
         setpriv = shutil.which("setpriv")

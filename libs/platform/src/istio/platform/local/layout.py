@@ -23,6 +23,13 @@ APP_PORT = 19080
 OUTBOUND_PORT = 15001
 ADMIN_PORT = 15000
 STATS_PORT = 15090
+CA_GRPC_PORT = 8060  # HandleCSR for callers with a certificate (renewals)
+CA_BOOTSTRAP_PORT = 8061  # HandleCSR for callers with a join token (first certificates)
+TRUST_DOMAIN = "cluster.local"
+# How the mesh's proxies talk to each other (`make up AUTH=...`): plaintext, as 0.2's default
+# MeshConfig (authPolicy NONE); mutual TLS only; or mutual TLS and plaintext on each port.
+AUTH_MODES = ("none", "mtls", "permissive")
+INGRESS_SERVICE_ACCOUNT = "istio-ingress-service-account"
 
 # Bookinfo's workloads, in start order (the apps' contract: `python -m istio.bookinfo SERVICE
 # --version vN --host HOST --port PORT`).
@@ -67,6 +74,22 @@ class Workload:
     def proxy_url(self) -> str:
         return f"http://{self.ip}:{OUTBOUND_PORT}"
 
+    @property
+    def service_account(self) -> str:
+        """Bookinfo's service accounts, as its Kubernetes manifests name them."""
+        return f"bookinfo-{self.app}" if self.app in BOOKINFO_APPS else self.app
+
+    @property
+    def identity(self) -> str:
+        return spiffe_id(NAMESPACE, self.service_account)
+
+
+BOOKINFO_APPS = frozenset(app for app, _ in BOOKINFO)
+
+
+def spiffe_id(namespace: str, service_account: str) -> str:
+    return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -78,8 +101,11 @@ class Layout:
     extra_hosts: Mapping[str, str] = field(default_factory=dict)
     # host:port of a Zipkin collector: tracing on (every request sampled), else off
     zipkin_address: str = ""
+    auth: str = "none"  # one of AUTH_MODES
 
     def __post_init__(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         parts = self.network.split(".")
         if (
             len(parts) != 3
@@ -109,6 +135,26 @@ class Layout:
         return f"{self.pilot_ip}:{self.pilot_http_port}"
 
     @property
+    def mtls(self) -> bool:
+        return self.auth != "none"
+
+    @property
+    def ca_ip(self) -> str:
+        return f"{self.network}.1"
+
+    @property
+    def ca_grpc(self) -> str:
+        return f"{self.ca_ip}:{CA_GRPC_PORT}"
+
+    @property
+    def ca_bootstrap(self) -> str:
+        return f"{self.ca_ip}:{CA_BOOTSTRAP_PORT}"
+
+    @property
+    def ingress_identity(self) -> str:
+        return spiffe_id("istio-system", INGRESS_SERVICE_ACCOUNT)
+
+    @property
     def ingress_url(self) -> str:
         return f"http://{self.ingress_ip}:{self.ingress_port}"
 
@@ -134,6 +180,11 @@ class Layout:
             (self.ingress_ip, ADMIN_PORT, "ingress gateway admin"),
             (self.ingress_ip, STATS_PORT, "ingress gateway stats"),
         ]
+        if self.mtls:
+            found += [
+                (self.ca_ip, CA_GRPC_PORT, "istio-ca HandleCSR"),
+                (self.ca_ip, CA_BOOTSTRAP_PORT, "istio-ca HandleCSR with join tokens"),
+            ]
         for w in self.workloads:
             found += [
                 (w.ip, w.app_port, f"{w.name} app"),
@@ -163,6 +214,19 @@ class Layout:
         return self.mesh_dir / "logs"
 
     @property
+    def ca_dir(self) -> Path:
+        """istio-ca's --ca-dir: the root (ca-cert.pem, ca-key.pem) and join tokens."""
+        return self.mesh_dir / "ca"
+
+    @property
+    def root_cert(self) -> Path:
+        return self.ca_dir / "ca-cert.pem"
+
+    def cert_dir(self, name: str) -> Path:
+        """Where a proxy's node agent writes cert-chain.pem, key.pem, root-cert.pem."""
+        return self.mesh_dir / "certs" / name
+
+    @property
     def hosts_file(self) -> Path:
         return self.mesh_dir / "hosts"
 
@@ -174,6 +238,9 @@ class Layout:
     def mesh_config(self) -> dict[str, Any]:
         """MeshConfig fields, as the `mesh` config map held them in 0.2."""
         config: dict[str, Any] = {}
+        if self.mtls:
+            config["authPolicy"] = "MUTUAL_TLS"
+            config["mtlsPermissive"] = self.auth == "permissive"
         if self.zipkin_address:
             config["enableTracing"] = True
             config["defaultConfig"] = {"zipkinAddress": self.zipkin_address}
@@ -201,6 +268,7 @@ def service_entry(app: str, endpoints: Iterable[Workload]) -> dict[str, Any]:
                     "address": w.ip,
                     "ports": {"http": w.service_port},
                     "labels": {"app": w.app, "version": w.version},
+                    "serviceAccount": w.service_account,
                 }
                 for w in endpoints
             ],

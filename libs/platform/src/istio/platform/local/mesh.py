@@ -1,5 +1,8 @@
 """The local platform's supervisor: starts Pilot, every Bookinfo workload with its sidecar and
-the ingress gateway as its children, reports the ones that die, and stops them all.
+the ingress gateway as its children, reports the ones that die, and stops them all. With mutual
+TLS (`--auth mtls|permissive`) it first starts istio-ca and, for every proxy, a node agent that
+gets the proxy's certificate with a one-time join token and keeps it fresh in the directory the
+proxy reads (--cert-dir).
 
 Every child runs in its own session (Ctrl-C reaches the supervisor alone, which then stops the
 children in order) and gets SIGTERM if the supervisor dies (PR_SET_PDEATHSIG, via `setpriv
@@ -30,6 +33,7 @@ from istio.configstore import open_store
 from istio.platform.local import ports
 from istio.platform.local.layout import (
     ADMIN_PORT,
+    CA_BOOTSTRAP_PORT,
     OUTBOUND_PORT,
     STATS_PORT,
     Layout,
@@ -46,6 +50,7 @@ PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 DRAIN_SECONDS = "1"
+JOIN_TOKEN_TTL = "10m"  # a node agent spends its token within seconds of starting
 
 
 class StartError(Exception):
@@ -55,7 +60,7 @@ class StartError(Exception):
 @dataclass
 class Child:
     name: str
-    role: str  # "pilot", "app", "sidecar", "ingress"
+    role: str  # "pilot", "ca", "node-agent", "app", "sidecar", "ingress"
     argv: list[str]
     log: Path
     workload: Workload | None = None
@@ -101,6 +106,8 @@ class LocalMesh:
         layout = self.layout
         for directory in (layout.config_dir, layout.registry_dir, layout.logs_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        if layout.mtls:
+            (layout.mesh_dir / "certs").mkdir(mode=0o700, exist_ok=True)
         self._check_not_running()
         busy = ports.check(layout.listen_addresses())
         if busy:
@@ -220,6 +227,89 @@ class LocalMesh:
         )
         return children
 
+    def _identity_children(self) -> tuple[Child, list[tuple[Child, str]]]:
+        """istio-ca, and a node agent for every proxy with the identity it gets."""
+        layout, logs = self.layout, self.layout.logs_dir
+        ca = Child("istio-ca", "ca", ca_argv(layout), logs / "istio-ca.log")
+        proxies: list[tuple[str, str, Workload | None]] = [
+            (w.name, w.identity, w) for w in layout.workloads
+        ]
+        proxies.append(("ingress", layout.ingress_identity, None))
+        agents = [
+            (
+                Child(
+                    f"{name}-node-agent",
+                    "node-agent",
+                    node_agent_argv(layout, name, identity),
+                    logs / f"{name}-node-agent.log",
+                    workload,
+                ),
+                identity,
+            )
+            for name, identity, workload in proxies
+        ]
+        return ca, agents
+
+    async def _start_identity(self, deadline: float) -> None:
+        """The CA, a join token per proxy, then the node agents; until every proxy's
+        certificate files are there."""
+        layout = self.layout
+        ca, agents = self._identity_children()
+        await self._spawn(ca)
+        await self._wait_port(layout.ca_ip, CA_BOOTSTRAP_PORT, ca, deadline)
+        tokens = await asyncio.gather(
+            *(join_token(layout, identity) for _, identity in agents), return_exceptions=True
+        )
+        for (agent, _), token in zip(agents, tokens, strict=True):
+            if isinstance(token, BaseException):
+                raise StartError(f"cannot make a join token for {agent.name}: {token}")
+            name = agent.name.removesuffix("-node-agent")
+            write_private(layout.cert_dir(name).with_suffix(".join-token"), token + "\n")
+        for agent, _ in agents:
+            await self._spawn(agent)
+        await asyncio.gather(
+            *(
+                self._wait_file(
+                    layout.cert_dir(agent.name.removesuffix("-node-agent")) / "cert-chain.pem",
+                    agent,
+                    deadline,
+                )
+                for agent, _ in agents
+            )
+        )
+
+    def _check_alive(self, child: Child) -> None:
+        if not child.running:
+            code = child.process.returncode if child.process else None
+            raise StartError(
+                f"{child.name} exited with status {code} while starting "
+                f"(log: {child.log}):\n{log_tail(child.log)}"
+            )
+
+    async def _wait_port(self, ip: str, port: int, child: Child, deadline: float) -> None:
+        """Until `ip:port` takes connections (a process we started binds it), or it dies."""
+        while time.monotonic() < deadline:
+            self._check_alive(child)
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection(ip, port)
+                writer.close()
+                await writer.wait_closed()
+                return
+            await asyncio.sleep(0.05)
+        raise StartError(f"{child.name} not listening on {ip}:{port} after {START_TIMEOUT:.0f} s")
+
+    async def _wait_file(self, path: Path, child: Child, deadline: float) -> None:
+        """Until a process we started has written `path`, or it dies."""
+        while time.monotonic() < deadline:
+            self._check_alive(child)
+            if await asyncio.to_thread(path.exists):
+                return
+            await asyncio.sleep(0.05)
+        raise StartError(
+            f"{child.name} wrote no {path} after {START_TIMEOUT:.0f} s "
+            f"(log: {child.log}):\n{log_tail(child.log)}"
+        )
+
     def _agent(self, kind: str, ip: str, node_id: str, name: str, *extra: str) -> list[str]:
         return agent_argv(self.layout, kind, ip, node_id, name, *extra)
 
@@ -252,12 +342,7 @@ class LocalMesh:
         """Until `url` answers 200 (a readiness check of a process we started), or it dies."""
         last = "no answer"
         while time.monotonic() < deadline:
-            if not child.running:
-                code = child.process.returncode if child.process else None
-                raise StartError(
-                    f"{child.name} exited with status {code} while starting "
-                    f"(log: {child.log}):\n{log_tail(child.log)}"
-                )
+            self._check_alive(child)
             try:
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
                     if response.status == 200:
@@ -279,6 +364,8 @@ class LocalMesh:
         deadline = began + START_TIMEOUT
         children = self._children()
         pilot, workloads, ingress = children[0], children[1:-1], children[-1]
+        if self.layout.mtls:
+            await self._start_identity(deadline)
         async with aiohttp.ClientSession() as session:
             await self._spawn(pilot)
             await self._wait_http(
@@ -332,7 +419,9 @@ class LocalMesh:
         code = child.process.returncode if child.process else None
         self.dead.add(child.name)
         message = f"{child.name} (pid {child.pid}) exited with status {code}"
-        if child.workload is not None:
+        if child.role == "node-agent":
+            message += "; its proxy's certificate is no longer renewed"
+        elif child.workload is not None:
             alive = [
                 w
                 for w in self.layout.workloads
@@ -343,14 +432,18 @@ class LocalMesh:
             message += f"; {w.ip}:{w.service_port} left the {w.app} service's endpoints"
         elif child.role == "pilot":
             message += "; proxies keep their last config"
+        elif child.role == "ca":
+            message += "; certificates are not renewed until it is back"
         self._say(f"mesh: {message} (log: {child.log})\n{log_tail(child.log, 5)}")
         self._write_state(ready=True)
 
     async def stop(self) -> None:
-        """Gateways, sidecars and apps first, then Pilot; SIGKILL after STOP_TIMEOUT."""
-        pilot = [c for c in self.children if c.role == "pilot"]
-        rest = [c for c in self.children if c.role != "pilot"]
-        for group in (rest, pilot):
+        """Gateways, sidecars and apps first, then node agents, then Pilot and the CA;
+        SIGKILL after STOP_TIMEOUT."""
+        control = [c for c in self.children if c.role in ("pilot", "ca")]
+        agents = [c for c in self.children if c.role == "node-agent"]
+        rest = [c for c in self.children if c.role not in ("pilot", "ca", "node-agent")]
+        for group in (rest, agents, control):
             await asyncio.gather(*(self._stop_one(c) for c in group))
         for log in self._logs:
             log.close()
@@ -378,6 +471,7 @@ class LocalMesh:
             "supervisor": os.getpid(),
             "ready": ready,
             "network": layout.network,
+            "auth": layout.auth,
             "pilot": layout.pilot_http,
             "ingress": layout.ingress_url,
             "children": {c.name: c.pid for c in self.children if c.running},
@@ -414,6 +508,20 @@ class LocalMesh:
         )
         pilot_pid = by_name["pilot"].pid if "pilot" in by_name else "-"
         ingress_pid = by_name["ingress"].pid if "ingress" in by_name else "-"
+        auth = {
+            "none": "plaintext between proxies (make up AUTH=mtls or AUTH=permissive for mTLS)",
+            "mtls": "mutual TLS only: plaintext to a sidecar's port is refused",
+            "permissive": "mutual TLS between sidecars, plaintext accepted too",
+        }[layout.auth]
+        identity = (
+            [
+                f"  CA:        istio-ca on {layout.ca_grpc} (pid "
+                f"{by_name['istio-ca'].pid if 'istio-ca' in by_name else '-'}), root "
+                f"{layout.root_cert}; certificates in {layout.mesh_dir}/certs/<workload>/",
+            ]
+            if layout.mtls
+            else []
+        )
         return "\n".join(
             [
                 "",
@@ -424,6 +532,8 @@ class LocalMesh:
                 f" (pid {pilot_pid})",
                 f"  Ingress:   {layout.ingress_url} (admin http://{layout.ingress_ip}:{ADMIN_PORT},"
                 f" pid {ingress_pid})",
+                f"  Auth:      {auth}",
+                *identity,
                 *rows,
                 f"  Config:    {layout.config_dir}/ (istioctl's default store)",
                 f"  Registry:  {layout.registry_dir}/    Hosts file: {layout.hosts_file}",
@@ -445,7 +555,14 @@ class LocalMesh:
 def agent_argv(
     layout: Layout, kind: str, ip: str, node_id: str, name: str, *extra: str
 ) -> list[str]:
-    """`pilot-agent proxy KIND` bound to `ip`, logging to $MESH_DIR/logs/NAME-access.log."""
+    """`pilot-agent proxy KIND` bound to `ip`, logging to $MESH_DIR/logs/NAME-access.log; with
+    mTLS, reading the certificates the node agent keeps in $MESH_DIR/certs/<NAME less
+    -sidecar>."""
+    certs = (
+        ["--cert-dir", str(layout.cert_dir(name.removesuffix("-sidecar")).resolve())]
+        if layout.mtls
+        else []
+    )
     return [
         str(BIN / "pilot-agent"),
         "proxy",
@@ -466,8 +583,82 @@ def agent_argv(
         str((layout.logs_dir / f"{name}-access.log").resolve()),
         "--drain-seconds",
         DRAIN_SECONDS,
+        *certs,
         *extra,
     ]
+
+
+def ca_argv(layout: Layout) -> list[str]:
+    """istio-ca with its root in $MESH_DIR/ca (made at the first start, kept after)."""
+    return [
+        str(BIN / "istio-ca"),
+        "--ca-dir",
+        str(layout.ca_dir.resolve()),
+        "--grpc-addr",
+        layout.ca_grpc,
+        "--bootstrap-addr",
+        layout.ca_bootstrap,
+        "--audit-log",
+        str((layout.logs_dir / "istio-ca-audit.log").resolve()),
+    ]
+
+
+def node_agent_argv(layout: Layout, name: str, identity: str) -> list[str]:
+    """The node agent of proxy `name`: its first certificate with the join token in
+    $MESH_DIR/certs/NAME.join-token, renewals with its certificate, files in certs/NAME."""
+    cert_dir = layout.cert_dir(name).resolve()
+    return [
+        str(BIN / "node-agent"),
+        "--ca-address",
+        layout.ca_grpc,
+        "--ca-bootstrap-address",
+        layout.ca_bootstrap,
+        "--identity",
+        identity,
+        "--join-token-file",
+        str(cert_dir.with_suffix(".join-token")),
+        "--out-dir",
+        str(cert_dir),
+        "--root-cert",
+        str(layout.root_cert.resolve()),
+    ]
+
+
+def token_argv(layout: Layout, identity: str) -> list[str]:
+    return [
+        str(BIN / "istio-ca"),
+        "token",
+        "create",
+        "--ca-dir",
+        str(layout.ca_dir.resolve()),
+        "--identity",
+        identity,
+        "--ttl",
+        JOIN_TOKEN_TTL,
+    ]
+
+
+async def join_token(layout: Layout, identity: str) -> str:
+    """A one-time join token for `identity` (`istio-ca token create`)."""
+    process = await asyncio.create_subprocess_exec(
+        *token_argv(layout, identity),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise StartError(f"istio-ca token create: {err.decode(errors='replace').strip()}")
+    return out.decode().strip()
+
+
+def write_private(path: Path, text: str) -> None:
+    """A file only its owner reads (a join token), replaced whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(temporary, path)
 
 
 def sidecar_argv(layout: Layout, w: Workload) -> list[str]:
@@ -524,7 +715,8 @@ async def up(layout: Layout, say: Callable[[str], None] | None = None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    say(f"mesh: starting Pilot, Bookinfo and the ingress gateway in {layout.mesh_dir}/ ...")
+    ca = "istio-ca with a node agent per proxy, " if layout.mtls else ""
+    say(f"mesh: starting {ca}Pilot, Bookinfo and the ingress gateway in {layout.mesh_dir}/ ...")
     try:
         starting = asyncio.ensure_future(mesh.start())
         stopping = asyncio.ensure_future(stop.wait())
