@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
@@ -27,7 +28,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format
 
 from istio.proxy import config as rt
 from istio.proxy.tracing import TracingConfig
@@ -511,6 +512,36 @@ def listener(resource: listener_pb2.Listener) -> rt.Listener:
         chain=_chain(name, chosen) if chosen is not None else None,
         inbound=resource.traffic_direction == base_pb2.TrafficDirection.INBOUND,
         tls=tls,
+        mixer=_metadata_mixer(name, resource.metadata),
+    )
+
+
+def _metadata_mixer(name: str, metadata: base_pb2.Metadata) -> rt.MixerFilter | None:
+    """Pilot's inbound listener metadata istio.mixer: {address, disable_policy_checks,
+    attributes}; None when there is no Mixer (no address)."""
+    istio = metadata.filter_metadata.get(ISTIO_METADATA)
+    if istio is None or "mixer" not in istio.fields:
+        return None
+    mixer = json_format.MessageToDict(istio.fields["mixer"].struct_value)
+    address = str(mixer.get("address") or "")
+    if not address:
+        return None
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise CompileError("listener", name, f"mixer address {address!r} is not host:port")
+    attributes: dict[str, Any] = {}
+    for key, value in (mixer.get("attributes") or {}).items():
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # Struct numbers are doubles; ports are ints
+        if isinstance(value, dict):
+            value = {str(k): str(v) for k, v in value.items()}
+        if value in ("", None, {}):
+            continue
+        attributes[str(key)] = value
+    return rt.MixerFilter(
+        address=address,
+        check=not mixer.get("disable_policy_checks", False),
+        attributes=attributes,
     )
 
 

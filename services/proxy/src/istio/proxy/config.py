@@ -410,6 +410,17 @@ class Listener:
     chain: HttpManager | TcpProxy | None  # None: close every connection (no chain)
     inbound: bool = False
     tls: DownstreamTls | None = None  # set: TLS terminated here (mTLS from other sidecars)
+    mixer: MixerFilter | None = None  # set: requests are checked and reported to Mixer
+
+
+@dataclass(frozen=True, slots=True)
+class MixerFilter:
+    """Pilot's inbound listener metadata `istio.mixer`: where Mixer is, whether to Check (0.2's
+    disable_policy_checks turns Check off, Report stays), and the destination's attributes."""
+
+    address: str
+    check: bool
+    attributes: Mapping[str, Any]
 
 
 class ClusterType(enum.Enum):

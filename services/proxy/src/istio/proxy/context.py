@@ -70,6 +70,8 @@ class Context:
         # Spans go to the collector cluster a connection manager's tracing names, through
         # this proxy's own view of that cluster's hosts.
         self.tracer = Tracer(self._send_spans, service_name)
+        # Mixer clients by address (istio.proxy.mixer.Mixers), made when a listener has Mixer.
+        self.mixers: Any = None
 
     def apply(self, snapshot: Snapshot) -> None:
         """Make `snapshot` current: clusters first, so that no request routed by the new

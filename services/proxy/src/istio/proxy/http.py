@@ -40,6 +40,7 @@ from istio.proxy.config import (
     HeaderToAdd,
     HttpManager,
     Listener,
+    MixerFilter,
     Redirect,
     RetryPolicy,
     Route,
@@ -442,6 +443,7 @@ class Exchange:
         "manager",
         "method",
         "mirrored",
+        "mixer_report",
         "path",
         "replayable",
         "request_done",
@@ -518,6 +520,7 @@ class Exchange:
         self.span: Span | None = None
         self.upgrade_early: list[bytes] | None = None  # set: an Upgrade request (its bytes)
         self.tunneled = False
+        self.mixer_report: tuple[str, dict[str, Any]] | None = None  # (Mixer address, bag)
         self.head_request = False
         self.authority = ""
         self.path = ""
@@ -696,6 +699,9 @@ class Exchange:
                 self.request_id = value.decode("latin-1")
         if not self.request_id and manager.generate_request_id:
             self.request_id = request_id()
+        mixer = conn.listener.mixer if conn.listener is not None else None
+        if mixer is not None and not await self._mixer_check(mixer):
+            return
         if manager.tracing is not None:
             listener = conn.listener
             outbound = listener is None or not listener.inbound
@@ -1165,6 +1171,8 @@ class Exchange:
             self.cluster.stats.completed(self.status, elapsed_ms)
         if self.span is not None:
             self._finish_span()
+        if self.mixer_report is not None:
+            self._mixer_report()
         self._log()
         if (
             self.task is not None
@@ -1183,6 +1191,58 @@ class Exchange:
             self.active_request = False
             self.cluster.active_requests -= 1
             self.cluster.stats.rq_active -= 1
+
+    async def _mixer_check(self, mixer: MixerFilter) -> bool:
+        """Mixer's Check for this inbound request; False when it was denied (and answered)."""
+        from istio.proxy import mixer as mixer_filter  # only where a listener has Mixer
+
+        conn = self.conn
+        context = conn.context
+        if context.mixers is None:
+            context.mixers = mixer_filter.Mixers()
+        identity = conn.peer_identity
+        bag = mixer_filter.request_attributes(
+            mixer,
+            method=self.method.decode("latin-1"),
+            path=self.path,
+            authority=self.authority,
+            headers=self.headers,
+            request_id=self.request_id,
+            peer=conn.peer,
+            source_user=identity.spiffe_id if identity is not None else "",
+            mtls=identity is not None,
+        )
+        self.mixer_report = (mixer.address, bag)
+        if not mixer.check:
+            return True
+        answer = await context.mixers.client(mixer.address).check(bag)
+        if answer.ok:
+            return True
+        self.local_reply(
+            mixer_filter.denial_status(answer),
+            f"{answer.message or 'denied by Mixer'}\n",
+            flags="UAEX",
+        )
+        return False
+
+    def _mixer_report(self) -> None:
+        from istio.proxy import mixer as mixer_filter
+
+        assert self.mixer_report is not None
+        address, bag = self.mixer_report
+        self.mixer_report = None
+        mixers = self.conn.context.mixers
+        if mixers is None:
+            return
+        mixers.client(address).report(
+            mixer_filter.report_attributes(
+                bag,
+                status=self.status,
+                request_bytes=self.bytes_received,
+                response_bytes=self.bytes_sent,
+                duration=time.monotonic() - self.started,
+            )
+        )
 
     def _finish_span(self) -> None:
         span, manager = self.span, self.manager
