@@ -29,7 +29,7 @@ def test_layout_addresses_and_node_ids(tmp_path: Path) -> None:
     )
     assert (layout.pilot_grpc, layout.pilot_http) == ("127.0.0.1:15010", "127.0.0.1:15014")
     assert layout.ingress_url == "http://127.0.0.1:8080"
-    assert len(layout.listen_addresses()) == 5 + 5 * 6
+    assert len(layout.listen_addresses()) == 5 + 3 + 5 * 6  # Pilot, ingress, Mixer, workloads
     with pytest.raises(ValueError, match="/24 of 127/8"):
         Layout(tmp_path, "10.0.0")
 

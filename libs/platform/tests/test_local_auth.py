@@ -16,8 +16,10 @@ from istio.platform.local.mesh import agent_argv, ca_argv, node_agent_argv, side
 
 
 def test_auth_modes_set_the_mesh_config_pilot_reads(tmp_path: Path) -> None:
-    assert Layout(tmp_path).mesh_config() == {}
+    mixer = {"mixerAddress": "127.0.0.1:9091"}  # every mesh has Mixer (0.2's telemetry)
+    assert Layout(tmp_path).mesh_config() == mixer
     assert Layout(tmp_path, auth="mtls").mesh_config() == {
+        **mixer,
         "authPolicy": "MUTUAL_TLS",
         "mtlsPermissive": False,
     }

@@ -25,6 +25,9 @@ ADMIN_PORT = 15000
 STATS_PORT = 15090
 CA_GRPC_PORT = 8060  # HandleCSR for callers with a certificate (renewals)
 CA_BOOTSTRAP_PORT = 8061  # HandleCSR for callers with a join token (first certificates)
+MIXER_GRPC_PORT = 9091  # Mixer's Check and Report (0.2's istio-mixer ports)
+MIXER_MONITORING_PORT = 9093  # its /metrics and /healthz
+MIXER_PROMETHEUS_PORT = 42422  # the Prometheus adapter's /metrics: the mesh's request metrics
 TRUST_DOMAIN = "cluster.local"
 # How the mesh's proxies talk to each other (`make up AUTH=...`): plaintext, as 0.2's default
 # MeshConfig (authPolicy NONE); mutual TLS only; or mutual TLS and plaintext on each port.
@@ -139,6 +142,19 @@ class Layout:
         return self.auth != "none"
 
     @property
+    def mixer_ip(self) -> str:
+        return f"{self.network}.1"
+
+    @property
+    def mixer_address(self) -> str:
+        return f"{self.mixer_ip}:{MIXER_GRPC_PORT}"
+
+    @property
+    def mixer_metrics_url(self) -> str:
+        """The Prometheus adapter's metrics: request_count and the rest of 0.2's telemetry."""
+        return f"http://{self.mixer_ip}:{MIXER_PROMETHEUS_PORT}/metrics"
+
+    @property
     def ca_ip(self) -> str:
         return f"{self.network}.1"
 
@@ -179,6 +195,9 @@ class Layout:
             (self.ingress_ip, self.ingress_port, "ingress gateway"),
             (self.ingress_ip, ADMIN_PORT, "ingress gateway admin"),
             (self.ingress_ip, STATS_PORT, "ingress gateway stats"),
+            (self.mixer_ip, MIXER_GRPC_PORT, "mixs Check and Report"),
+            (self.mixer_ip, MIXER_MONITORING_PORT, "mixs monitoring"),
+            (self.mixer_ip, MIXER_PROMETHEUS_PORT, "mixs Prometheus adapter"),
         ]
         if self.mtls:
             found += [
@@ -237,7 +256,7 @@ class Layout:
 
     def mesh_config(self) -> dict[str, Any]:
         """MeshConfig fields, as the `mesh` config map held them in 0.2."""
-        config: dict[str, Any] = {}
+        config: dict[str, Any] = {"mixerAddress": self.mixer_address}
         if self.mtls:
             config["authPolicy"] = "MUTUAL_TLS"
             config["mtlsPermissive"] = self.auth == "permissive"

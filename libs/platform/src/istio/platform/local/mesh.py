@@ -34,6 +34,8 @@ from istio.platform.local import ports
 from istio.platform.local.layout import (
     ADMIN_PORT,
     CA_BOOTSTRAP_PORT,
+    MIXER_MONITORING_PORT,
+    MIXER_PROMETHEUS_PORT,
     OUTBOUND_PORT,
     STATS_PORT,
     Layout,
@@ -45,6 +47,8 @@ from istio.platform.local.layout import (
 )
 
 BIN = Path(sys.executable).parent
+# 0.2's default Mixer telemetry (install/mixer in the repository this platform runs from).
+MIXER_DEFAULTS = Path(__file__).resolve().parents[6] / "install" / "mixer"
 DEFAULT_MESH_DIR = Path(".mesh")
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 60.0
@@ -154,6 +158,46 @@ class LocalMesh:
                     await store.create(config)
         finally:
             await store.close()
+
+    async def write_mixer_defaults(self) -> None:
+        """0.2's default telemetry (metrics and access log) into the store, unless the user
+        already has objects of those names."""
+        if not MIXER_DEFAULTS.is_dir():
+            raise StartError(f"{MIXER_DEFAULTS}: missing; the local platform runs from a checkout")
+        configs = []
+        for path in sorted(MIXER_DEFAULTS.glob("*.yaml")):
+            found, problems = parse_documents(path.read_text(), str(path))
+            if problems:
+                raise StartError("\n".join(str(p) for p in problems))
+            configs += found
+        store = open_store(self.layout.config_store_url)
+        try:
+            for config in configs:
+                meta = config.meta
+                if await store.get(meta.kind, meta.name, meta.namespace) is None:
+                    await store.create(config)
+        finally:
+            await store.close()
+
+    def _mixer(self) -> Child:
+        layout = self.layout
+        return Child(
+            "mixer",
+            "mixer",
+            [
+                str(BIN / "mixs"),
+                "server",
+                "--config-store",
+                layout.config_store_url,
+                "--grpc-addr",
+                layout.mixer_address,
+                "--monitoring-addr",
+                f"{layout.mixer_ip}:{MIXER_MONITORING_PORT}",
+                "--prometheus-addr",
+                f"{layout.mixer_ip}:{MIXER_PROMETHEUS_PORT}",
+            ],
+            layout.logs_dir / "mixer.log",
+        )
 
     # Processes.
 
@@ -361,12 +405,21 @@ class LocalMesh:
         began = time.monotonic()
         self.prepare()
         await self.write_ingress_rules()
+        await self.write_mixer_defaults()
         deadline = began + START_TIMEOUT
         children = self._children()
         pilot, workloads, ingress = children[0], children[1:-1], children[-1]
         if self.layout.mtls:
             await self._start_identity(deadline)
         async with aiohttp.ClientSession() as session:
+            mixer = self._mixer()
+            await self._spawn(mixer)
+            await self._wait_http(
+                session,
+                f"http://{self.layout.mixer_ip}:{MIXER_MONITORING_PORT}/healthz",
+                mixer,
+                deadline,
+            )
             await self._spawn(pilot)
             await self._wait_http(
                 session, f"http://{self.layout.pilot_http}/ready", pilot, deadline
@@ -532,6 +585,7 @@ class LocalMesh:
                 f" (pid {pilot_pid})",
                 f"  Ingress:   {layout.ingress_url} (admin http://{layout.ingress_ip}:{ADMIN_PORT},"
                 f" pid {ingress_pid})",
+                f"  Mixer:     {layout.mixer_address}, request metrics {layout.mixer_metrics_url}",
                 f"  Auth:      {auth}",
                 *identity,
                 *rows,
