@@ -22,6 +22,7 @@ class Service:
         self.timeout: float | None = None
         self.cancelled = asyncio.Event()
         self.streams_started = asyncio.Event()
+        self.stream_ended = asyncio.Event()
 
     async def unary(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self.metadata = [(m.key, m.value) for m in context.invocation_metadata() or ()]
@@ -42,17 +43,16 @@ class Service:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         self.streams_started.set()
-        try:
-            async for message in requests:
-                if message == b"fail":
-                    await context.abort(grpc.StatusCode.ABORTED, "asked to")
-                if message.startswith(b"big:"):
-                    yield b"y" * int(message[4:])
-                else:
-                    yield message.upper()
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
+        # Watched from the RPC's end, not from an exception in this generator: a
+        # RST_STREAM that arrives while the generator sits at a `yield` raises nothing here.
+        context.add_done_callback(lambda _: self.stream_ended.set())
+        async for message in requests:
+            if message == b"fail":
+                await context.abort(grpc.StatusCode.ABORTED, "asked to")
+            if message.startswith(b"big:"):
+                yield b"y" * int(message[4:])
+            else:
+                yield message.upper()
 
 
 async def start_server(service: Service, port: int = 0) -> tuple[grpc.aio.Server, int]:
@@ -184,7 +184,8 @@ async def test_cancel_resets_the_stream(echo: tuple[Service, int]) -> None:
         with pytest.raises(RpcError) as raised:
             await call.recv()
         assert raised.value.code == StatusCode.CANCELLED
-        await asyncio.wait_for(service.cancelled.wait(), 10)
+        # The client never half-closed, so the server's side can only have ended by the reset.
+        await asyncio.wait_for(service.stream_ended.wait(), 10)
 
 
 async def test_lost_connection_and_reconnect() -> None:
