@@ -185,25 +185,37 @@ _RETRY_ON = {
     "reset": "on_reset",
     "refused-stream": "on_refused_stream",
     "retriable-status-codes": "",
-    # gRPC statuses: they arrive in HTTP/2 trailers, which the HTTP/2 upstream will read
+    # gRPC statuses: see _GRPC_RETRY_ON
     "cancelled": "",
     "deadline-exceeded": "",
     "internal": "",
     "resource-exhausted": "",
     "unavailable": "",
 }
+# Envoy's gRPC retry_on conditions: the grpc-status of a trailers-only response.
+_GRPC_RETRY_ON = {
+    "cancelled": 1,
+    "deadline-exceeded": 4,
+    "resource-exhausted": 8,
+    "internal": 13,
+    "unavailable": 14,
+}
 
 
 def _retry(name: str, policy: rc.RetryPolicy) -> rt.RetryPolicy:
     flags: dict[str, bool] = {}
+    grpc_statuses = set()
     for condition in filter(None, (c.strip() for c in policy.retry_on.split(","))):
         if condition not in _RETRY_ON:
             raise CompileError("route", name, f"unsupported retry_on condition {condition!r}")
         if _RETRY_ON[condition]:
             flags[_RETRY_ON[condition]] = True
+        if condition in _GRPC_RETRY_ON:
+            grpc_statuses.add(_GRPC_RETRY_ON[condition])
     return rt.RetryPolicy(
         **flags,
         retriable_status_codes=frozenset(policy.retriable_status_codes),
+        grpc_statuses=frozenset(grpc_statuses),
         num_retries=policy.num_retries.value if policy.HasField("num_retries") else 1,
         per_try_timeout=seconds(policy.per_try_timeout),
     )

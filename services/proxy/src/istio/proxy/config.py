@@ -110,6 +110,8 @@ class RetryPolicy:
     on_reset: bool = False
     on_refused_stream: bool = False
     retriable_status_codes: frozenset[int] = frozenset()
+    # gRPC statuses of trailers-only responses that are retried (retry_on "unavailable", ...)
+    grpc_statuses: frozenset[int] = frozenset()
     num_retries: int = 1
     per_try_timeout: float = 0.0  # 0: none, the route timeout alone
 

@@ -60,12 +60,14 @@ PEEK_TIMEOUT = 5.0
 LOG_INTERVAL = 60.0  # one refusal logged per peer address in this many seconds
 
 # ALPN. A client offers what it will speak; a server accepts what its chain serves. "istio"
-# marks sidecar-to-sidecar connections as Istio's proxies marked them. "h2" joins the HTTP
-# lists (first) once the data path speaks HTTP/2 over these connections; a TCP chain passes
-# bytes through, so it accepts any of them.
+# marks sidecar-to-sidecar connections as Istio's proxies marked them. An HTTP chain takes
+# either version: the connection tells them apart by its first bytes (the HTTP/2 preface),
+# so what ALPN picked never has to be passed along. A TCP chain passes bytes through, so it
+# accepts any of them.
 ALPN_HTTP1 = ("http/1.1", "istio")
+ALPN_H2 = ("h2", "istio")
 ALPN_TCP = ("istio",)
-ALPN_SERVER_HTTP = ("http/1.1", "istio")
+ALPN_SERVER_HTTP = ("h2", "http/1.1", "istio")
 ALPN_SERVER_TCP = ("istio", "h2", "http/1.1")
 
 _VERSIONS = {"TLSv1_2": ssl.TLSVersion.TLSv1_2, "TLSv1_3": ssl.TLSVersion.TLSv1_3}

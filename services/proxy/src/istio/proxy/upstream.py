@@ -22,14 +22,17 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
 from istio.proxy.config import Cluster, ClusterType, Endpoint, LbPolicy
 from istio.proxy.stats import ClusterStats, ProtocolStats, Stats
-from istio.proxy.tls import ALPN_HTTP1, TlsError, TlsManager, remember_session
+from istio.proxy.tls import ALPN_H2, ALPN_HTTP1, TlsError, TlsManager, remember_session
 from istio.proxy.writes import CorkedWrites
+
+if TYPE_CHECKING:
+    from istio.proxy.upstream_h2 import H2Upstream, UpstreamStream
 
 Address = tuple[str, int]
 
@@ -254,6 +257,11 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
         self._until_close = False
         self.write(head)
 
+    def end_body(self, chunked: bool) -> None:
+        """The request body ended: its last chunk when it was chunked."""
+        if chunked:
+            self.write(b"0\r\n\r\n")
+
     def tunnel_open(self, handler: TunnelEnd) -> list[bytes]:
         """From now on every byte read goes to `handler.tunnel_from_upstream`; returns what
         came after the 101 before the tunnel opened."""
@@ -291,6 +299,8 @@ class HostState:
         "consecutive_5xx",
         "ejected_until",
         "ejections",
+        "h2",
+        "h2_connecting",
         "idle",
         "removed",
     )
@@ -298,6 +308,9 @@ class HostState:
     def __init__(self, address: Address) -> None:
         self.address = address
         self.idle: list[UpstreamConnection] = []
+        # HTTP/2 clusters: the host's multiplexed connections, and the one being opened
+        self.h2: list[H2Upstream] = []
+        self.h2_connecting: asyncio.Future[H2Upstream] | None = None
         self.active = 0
         self.consecutive_5xx = 0
         self.ejected_until = 0.0
@@ -353,6 +366,8 @@ class ClusterRuntime:
         idle, host.idle = host.idle, []
         for connection in idle:
             connection.close()
+        for multiplexed in list(host.h2):
+            multiplexed.drain()  # its streams finish first
 
     def shutdown(self) -> None:
         for host in self.hosts.values():
@@ -447,6 +462,68 @@ class ClusterRuntime:
             if handed is not None:
                 return handed
         return await self._connect(host)
+
+    async def acquire_stream(self, host: HostState) -> UpstreamStream:
+        """A stream for one request to `host` on an HTTP/2 connection with room for it; a
+        new connection when none has, shared by every request that waits for it."""
+        for connection in host.h2:
+            if connection.available():
+                return connection.stream()
+        while True:
+            connecting = host.h2_connecting
+            if connecting is None:
+                if self.connections >= self.config.breakers.max_connections:
+                    self.stats.rq_pending_overflow += 1
+                    raise Overflow("connections")
+                connecting = host.h2_connecting = asyncio.get_running_loop().create_future()
+                try:
+                    connection = await self._connect_h2(host)
+                except BaseException as error:
+                    connecting.set_exception(
+                        error if isinstance(error, ConnectFailure) else ConnectFailure(str(error))
+                    )
+                    connecting.exception()  # retrieved: waiters may be none
+                    raise
+                finally:
+                    host.h2_connecting = None
+                host.h2.append(connection)
+                connecting.set_result(connection)
+            else:
+                connection = await asyncio.shield(connecting)
+            if connection.available():
+                return connection.stream()
+            # full already (the peer allows few streams): look again, or open another
+            for other in host.h2:
+                if other.available():
+                    return other.stream()
+
+    async def _connect_h2(self, host: HostState) -> H2Upstream:
+        from istio.proxy.upstream_h2 import H2Upstream  # only clusters that speak HTTP/2
+
+        self.connections += 1
+        self.stats.cx_total += 1
+        self.stats.cx_active += 1
+        name, port = host.address
+        try:
+            async with asyncio.timeout(self.config.connect_timeout or None):
+                _, protocol = await self.open(lambda: H2Upstream(self, host), host, ALPN_H2)
+        except (ConnectFailure, TimeoutError, asyncio.CancelledError) as error:
+            self.connections -= 1
+            self.stats.cx_active -= 1
+            self.stats.cx_connect_fail += 1
+            if isinstance(error, TimeoutError):
+                raise ConnectFailure(f"{name}:{port}: connect timeout") from None
+            raise
+        return cast("H2Upstream", protocol)
+
+    def h2_closed(self, connection: H2Upstream) -> None:
+        if connection.counted:
+            return
+        connection.counted = True
+        self.connections -= 1
+        self.stats.cx_active -= 1
+        if connection in connection.host.h2:
+            connection.host.h2.remove(connection)
 
     async def connect_tunnel(self, host: HostState) -> UpstreamConnection:
         """A new connection for a CONNECT tunnel: counted like any, never pooled, and without
