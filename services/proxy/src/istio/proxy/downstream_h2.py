@@ -54,6 +54,7 @@ from istio.proxy.http import (
     HttpConnection,
     find_manager,
 )
+from istio.proxy.writes import CorkedFrames
 
 if TYPE_CHECKING:
     from istio.proxy.context import Context
@@ -72,7 +73,7 @@ SETTINGS = Settings(
 _GRPC_CONTENT_TYPE = b"application/grpc"
 
 
-class H2Downstream(asyncio.Protocol):
+class H2Downstream(CorkedFrames, asyncio.Protocol):
     """One client connection speaking HTTP/2. It offers the members an `Exchange` reads of
     its connection (context, listener, stats, peer, identity, manager, cork, ...)."""
 
@@ -260,23 +261,6 @@ class H2Downstream(asyncio.Protocol):
 
     def set_read_paused(self, reason: str, paused: bool) -> None:
         """Whole-connection reading never pauses for one request: streams use windows."""
-
-    def flush(self) -> None:
-        if self.corked or self.transport is None or self.closed:
-            return
-        out = self.h2.data_to_send()
-        if out:
-            self.transport.write(out)
-
-    def cork(self) -> bool:
-        if self.corked:
-            return False
-        self.corked = True
-        return True
-
-    def uncork(self) -> None:
-        self.corked = False
-        self.flush()
 
     def write(self, data: bytes) -> None:
         raise AssertionError("HTTP/1.1 bytes written to an HTTP/2 connection")

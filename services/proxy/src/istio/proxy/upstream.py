@@ -500,20 +500,7 @@ class ClusterRuntime:
     async def _connect_h2(self, host: HostState) -> H2Upstream:
         from istio.proxy.upstream_h2 import H2Upstream  # only clusters that speak HTTP/2
 
-        self.connections += 1
-        self.stats.cx_total += 1
-        self.stats.cx_active += 1
-        name, port = host.address
-        try:
-            async with asyncio.timeout(self.config.connect_timeout or None):
-                _, protocol = await self.open(lambda: H2Upstream(self, host), host, ALPN_H2)
-        except (ConnectFailure, TimeoutError, asyncio.CancelledError) as error:
-            self.connections -= 1
-            self.stats.cx_active -= 1
-            self.stats.cx_connect_fail += 1
-            if isinstance(error, TimeoutError):
-                raise ConnectFailure(f"{name}:{port}: connect timeout") from None
-            raise
+        protocol = await self._counted_open(lambda: H2Upstream(self, host), host, ALPN_H2)
         return cast("H2Upstream", protocol)
 
     def h2_closed(self, connection: H2Upstream) -> None:
@@ -532,30 +519,39 @@ class ClusterRuntime:
         return await self._connect(host, plain=True)
 
     async def _connect(self, host: HostState, *, plain: bool = False) -> UpstreamConnection:
+        protocol = await self._counted_open(
+            lambda: UpstreamConnection(self, host), host, ALPN_HTTP1, plain=plain
+        )
+        connection = cast(UpstreamConnection, protocol)
+        connection.session_pending = self.config.mtls is not None
+        return connection
+
+    async def _counted_open(
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        host: HostState,
+        alpn: tuple[str, ...],
+        *,
+        plain: bool = False,
+    ) -> asyncio.Protocol:
+        """`open` within the connect timeout, counted against max_connections from the
+        start; a failure (or the request giving up) gives the slot back."""
         self.connections += 1
         self.stats.cx_total += 1
         self.stats.cx_active += 1
         name, port = host.address
         try:
             async with asyncio.timeout(self.config.connect_timeout or None):
-                _, protocol = await self.open(
-                    lambda: UpstreamConnection(self, host), host, ALPN_HTTP1, plain=plain
-                )
-        except ConnectFailure:
+                _, protocol = await self.open(factory, host, alpn, plain=plain)
+        except (ConnectFailure, TimeoutError, asyncio.CancelledError) as error:
             self.connections -= 1
             self.stats.cx_active -= 1
-            self.stats.cx_connect_fail += 1
+            self.stats.cx_connect_fail += not isinstance(error, asyncio.CancelledError)
             self._wake()
+            if isinstance(error, TimeoutError):
+                raise ConnectFailure(f"{name}:{port}: connect timeout") from None
             raise
-        except TimeoutError:
-            self.connections -= 1
-            self.stats.cx_active -= 1
-            self.stats.cx_connect_fail += 1
-            self._wake()
-            raise ConnectFailure(f"{name}:{port}: connect timeout") from None
-        connection = cast(UpstreamConnection, protocol)
-        connection.session_pending = self.config.mtls is not None
-        return connection
+        return protocol
 
     async def open(
         self,

@@ -40,6 +40,7 @@ from istio.http2 import (
     WindowUpdated,
     error_name,
 )
+from istio.proxy.writes import CorkedFrames
 
 if TYPE_CHECKING:
     from istio.proxy.upstream import ClusterRuntime, HostState, UpstreamHandler
@@ -55,7 +56,7 @@ SETTINGS = Settings(
 )
 
 
-class H2Upstream(asyncio.Protocol):
+class H2Upstream(CorkedFrames, asyncio.Protocol):
     """One HTTP/2 connection to an upstream host."""
 
     def __init__(self, cluster: ClusterRuntime, host: HostState) -> None:
@@ -155,25 +156,6 @@ class H2Upstream(asyncio.Protocol):
             self.streams.pop(stream_id).reset_by_peer("upstream refused stream")
         if not self.streams:
             self.close()
-
-    # writes: one system call per event that produces frames
-
-    def flush(self) -> None:
-        if self.corked or self.transport is None or self.closed:
-            return
-        out = self.h2.data_to_send()
-        if out:
-            self.transport.write(out)
-
-    def cork(self) -> bool:
-        if self.corked:
-            return False
-        self.corked = True
-        return True
-
-    def uncork(self) -> None:
-        self.corked = False
-        self.flush()
 
     # streams
 
