@@ -896,7 +896,8 @@ class Exchange:
         if not has_request_id and self.request_id:
             lines.append(b"x-request-id: %b\r\n" % self.request_id.encode())
         if not has_proto:  # https where this proxy terminated TLS (an ingress TLS port)
-            tls = self.conn.xfcc is not None and self.conn.transport.get_extra_info("ssl_object")
+            transport = self.conn.transport if self.conn.xfcc is not None else None
+            tls = transport is not None and transport.get_extra_info("ssl_object") is not None
             lines.append(b"x-forwarded-proto: https\r\n" if tls else b"x-forwarded-proto: http\r\n")
         if self.upgrade_early is not None:
             lines.append(b"connection: upgrade\r\nupgrade: %b\r\n" % self._upgrade_type())
