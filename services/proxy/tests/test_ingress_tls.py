@@ -14,6 +14,7 @@ rule naming a secret whose files are missing is refused while the others keep se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import os
@@ -36,10 +37,10 @@ from google.protobuf import any_pb2, json_format
 
 from istio.proxy import agent, compile
 from istio.proxy.agent import Agent, Node
-from istio.proxy.config import SniCertificate, TlsFiles
+from istio.proxy.config import DownstreamTls, SniCertificate, TlsFiles
 from istio.proxy.context import Context
 from istio.proxy.listeners import ListenerManager
-from istio.proxy.tls import TlsManager
+from istio.proxy.tls import SniSelector, TlsManager
 from istio.proxy.xds import LISTENER
 from istio.testing.net import free_port
 
@@ -535,3 +536,35 @@ async def test_each_host_gets_its_certificate_by_sni(mesh: Mesh) -> None:
         f"web a.example.test:{mesh.port} /hello https",
         "200",
     )
+
+
+def test_sni_picks_an_exact_name_then_the_longest_wildcard_then_the_default() -> None:
+    def files(name: str) -> TlsFiles:
+        return TlsFiles(f"/certs/{name}/tls.crt", f"/certs/{name}/tls.key", "")
+
+    settings = DownstreamTls(
+        files=files("default"),
+        require_client_certificate=False,
+        sni=(
+            SniCertificate(("shop.example.com",), files("shop")),
+            SniCertificate(("*.example.com",), files("any")),
+            SniCertificate(("*.eu.example.com",), files("eu")),
+        ),
+    )
+    tls = TlsManager(None)
+    selector = SniSelector(tls, settings, ("http/1.1",))
+
+    def picked(name: str | None) -> str | None:
+        found = selector.lookup(name)
+        return None if found is None else found.files.cert_chain.split("/")[2]
+
+    assert picked("Shop.Example.com.") == "shop"
+    assert picked("www.eu.example.com") == "eu"
+    assert picked("a.b.example.com") == "any"
+    assert picked("example.com") == "default"  # a wildcard needs a label before it
+    assert picked(None) == "default"
+    # Without a chain for other names (no default), they are refused.
+    strict = SniSelector(tls, dataclasses.replace(settings, sni_default=False), ("http/1.1",))
+    assert strict.lookup("example.com") is None
+    assert strict.lookup(None) is None
+    assert strict.lookup("shop.example.com") is selector.lookup("shop.example.com")
