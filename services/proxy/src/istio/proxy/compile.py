@@ -7,6 +7,7 @@ reason. Whatever the data path cannot honour faithfully is refused here, never h
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -499,10 +500,25 @@ def listener(resource: listener_pb2.Listener) -> rt.Listener:
             raise CompileError(
                 "listener", name, f"unsupported listener filter {listener_filter.name}"
             )
-    tls_chain, plain_chain = _chains_by_transport(name, resource)
+    sni_chains = [c for c in resource.filter_chains if c.filter_chain_match.server_names]
+    if sni_chains:
+        # The chains SNI picks are set aside; the rest are picked by transport as ever.
+        others = listener_pb2.Listener()
+        others.CopyFrom(resource)
+        del others.filter_chains[:]
+        others.filter_chains.extend(
+            c for c in resource.filter_chains if not c.filter_chain_match.server_names
+        )
+        tls_chain, plain_chain = _chains_by_transport(name, others)
+    else:
+        tls_chain, plain_chain = _chains_by_transport(name, resource)
     tls: rt.DownstreamTls | None = None
-    if tls_chain is not None:
+    if sni_chains:
+        tls = _sni_tls(name, sni_chains, tls_chain, permissive=plain_chain is not None)
+        tls_chain = tls_chain or sni_chains[0]
+    elif tls_chain is not None:
         tls = _downstream_tls(name, tls_chain.transport_socket, permissive=plain_chain is not None)
+    if tls_chain is not None:
         if plain_chain is not None and list(plain_chain.filters) != list(tls_chain.filters):
             raise CompileError(
                 "listener",
@@ -605,6 +621,70 @@ def _chains_by_transport(
         else:
             plain_chain = plain_chain or catch_all
     return tls_chain, plain_chain
+
+
+def _sni_tls(
+    name: str,
+    sni_chains: list[listener_components_pb2.FilterChain],
+    default_chain: listener_components_pb2.FilterChain | None,
+    *,
+    permissive: bool,
+) -> rt.DownstreamTls:
+    """A listener whose TLS chains Envoy picks by SNI (filter_chain_match.server_names), as
+    one DownstreamTls whose certificate the SNI picks. The data path serves one chain per
+    listener: the chains must differ in their certificate alone."""
+    reference = default_chain or sni_chains[0]
+    base = _downstream_tls(name, reference.transport_socket, permissive=permissive)
+    seen: set[str] = set()
+    certificates = []
+    for chain in sni_chains:
+        probe = listener_components_pb2.FilterChainMatch()
+        probe.CopyFrom(chain.filter_chain_match)
+        probe.ClearField("server_names")
+        if probe.transport_protocol == "tls":
+            probe.ClearField("transport_protocol")
+        if probe.ByteSize():
+            raise CompileError(
+                "listener",
+                name,
+                "filter_chain_match with server_names is supported on transport_protocol tls only",
+            )
+        if not chain.HasField("transport_socket"):
+            raise CompileError(
+                "listener", name, "a filter chain matching server_names without TLS (passthrough)"
+            )
+        if list(chain.filters) != list(reference.filters):
+            raise CompileError(
+                "listener", name, "the filter chains picked by SNI must carry the same filters"
+            )
+        tls = _downstream_tls(name, chain.transport_socket, permissive=permissive)
+        assert tls.files is not None
+        if _without_certificate(tls) != _without_certificate(base):
+            raise CompileError(
+                "listener",
+                name,
+                "the filter chains picked by SNI must differ in their certificate alone",
+            )
+        names = []
+        for server_name in chain.filter_chain_match.server_names:
+            server_name = server_name.lower()
+            wildcard = server_name.startswith("*.")
+            if not server_name or "*" in (server_name[2:] if wildcard else server_name):
+                raise CompileError("listener", name, f"server name {server_name!r}: not a name")
+            if server_name in seen:
+                raise CompileError(
+                    "listener", name, f"server name {server_name!r} in more than one chain"
+                )
+            seen.add(server_name)
+            names.append(server_name)
+        certificates.append(rt.SniCertificate(tuple(names), tls.files))
+    return dataclasses.replace(base, sni=tuple(certificates), sni_default=default_chain is not None)
+
+
+def _without_certificate(tls: rt.DownstreamTls) -> rt.DownstreamTls:
+    files = tls.files
+    assert files is not None
+    return dataclasses.replace(tls, files=rt.TlsFiles("", "", files.trusted_ca))
 
 
 def _metadata_tls(name: str, metadata: base_pb2.Metadata) -> rt.DownstreamTls | None:

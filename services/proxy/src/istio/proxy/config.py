@@ -387,11 +387,25 @@ class UpstreamTls:
 
 
 @dataclass(frozen=True, slots=True)
+class SniCertificate:
+    """A certificate for clients whose TLS SNI is one of `server_names`: exact names
+    (lowercase), or `*.suffix` wildcards for any name under the suffix (Envoy's
+    FilterChainMatch.server_names)."""
+
+    server_names: tuple[str, ...]
+    files: TlsFiles
+
+
+@dataclass(frozen=True, slots=True)
 class DownstreamTls:
-    """TLS an inbound listener terminates. With `require_client_certificate` the peer must
+    """TLS a listener terminates. With `require_client_certificate` the peer must
     present a certificate from the root whose SPIFFE id is in the trust domain (and matches
     `subject_alt_names` when given); `permissive` takes plaintext on the same port too, told
-    apart by the first bytes (a TLS ClientHello or not)."""
+    apart by the first bytes (a TLS ClientHello or not).
+
+    With `sni` (an ingress TLS port) the client's SNI picks the certificate among them;
+    clients sending another name or none get `files` when `sni_default` (the listener's
+    chain without server names), else the handshake is refused."""
 
     files: TlsFiles | None = None
     require_client_certificate: bool = True
@@ -400,6 +414,8 @@ class DownstreamTls:
     subject_alt_names: tuple[SanMatcher, ...] = ()
     min_version: str = ""
     max_version: str = ""
+    sni: tuple[SniCertificate, ...] = ()
+    sni_default: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +427,7 @@ class Listener:
     use_original_dst: bool
     chain: HttpManager | TcpProxy | None  # None: close every connection (no chain)
     inbound: bool = False
-    tls: DownstreamTls | None = None  # set: TLS terminated here (mTLS from other sidecars)
+    tls: DownstreamTls | None = None  # set: TLS terminated here (mTLS, or an ingress TLS port)
     mixer: MixerFilter | None = None  # set: requests are checked and reported to Mixer
 
 

@@ -985,8 +985,10 @@ class Exchange:
             fields.append((name, value))
         if not has_request_id and self.request_id:
             fields.append((b"x-request-id", self.request_id.encode()))
-        if not has_proto:
-            fields.append((b"x-forwarded-proto", b"http"))
+        if not has_proto:  # https where this proxy terminated TLS (an ingress TLS port)
+            transport = self.conn.transport if self.conn.xfcc is not None else None
+            tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+            fields.append((b"x-forwarded-proto", b"https" if tls else b"http"))
         if self.manager is not None and self.manager.use_remote_address and self.conn.peer:
             fields.append((b"x-forwarded-for", forwarded_for + self.conn.peer.encode()))
         host_headers = self.virtual_host.headers_to_add if self.virtual_host else ()

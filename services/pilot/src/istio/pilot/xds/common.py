@@ -17,6 +17,7 @@ FAULT = "envoy.filters.http.fault"
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS_TRANSPORT = "envoy.transport_sockets.tls"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 # Settings the proxy's Mixer filter and mTLS read, in listener and cluster metadata.
 ISTIO_METADATA = "istio"
 

@@ -23,7 +23,14 @@ from istio.pilot.xds.index import MeshIndex, index_of, instances_key
 from istio.pilot.xds.resources import Part
 
 
-def generate(snapshot: MeshSnapshot, proxy: Proxy) -> resources.Resources:
+def generate(
+    snapshot: MeshSnapshot,
+    proxy: Proxy,
+    *,
+    ingress_certs_dir: str = gateways.DEFAULT_INGRESS_CERTS_DIR,
+) -> resources.Resources:
+    """`ingress_certs_dir`: where the ingress proxy finds the TLS secrets IngressRules name
+    (pilot-discovery --ingress-certs-dir)."""
     index = index_of(snapshot)
     instances = index.proxy_instances(proxy)
     rules_key = instances_key(instances) if index.rules_use_source else None
@@ -69,7 +76,11 @@ def generate(snapshot: MeshSnapshot, proxy: Proxy) -> resources.Resources:
             )
         )
         shared[resources.LISTENER].append(
-            _part(index, ("ingress", "lds"), lambda: list(gateways.ingress_listeners(index)))
+            _part(
+                index,
+                ("ingress", "lds", ingress_certs_dir),
+                lambda: list(gateways.ingress_listeners(index, ingress_certs_dir)),
+            )
         )
         shared[resources.ROUTE].append(
             _part(

@@ -13,11 +13,13 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from envoy.extensions.filters.network.mongo_proxy.v3 import mongo_proxy_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 
 from istio.config.duration import parse_duration
 from istio.model import Labels, Protocol, Proxy, ServiceInstance
@@ -303,4 +305,51 @@ def gateway_listener(
                 connection_manager(name, rds=route_config, gateway=True, tracing=tracing),
             )
         ],
+    )
+
+
+def tls_gateway_listener(
+    name: str,
+    port: int,
+    route_config: str,
+    certificates: Sequence[tuple[Sequence[str], str, str]],
+    alpn: Sequence[str],
+    tracing: hcm.HttpConnectionManager.Tracing | None = None,
+) -> listener_pb2.Listener:
+    """A gateway's bound HTTPS listener: TLS terminated with the certificate the client's SNI
+    names. `certificates` holds (server names, certificate chain file, private key file); the
+    entry without server names is the default chain, for clients that send no SNI or a name
+    no other entry has. Every chain serves the same routes; no client certificate is asked
+    for."""
+    manager = connection_manager(name, rds=route_config, gateway=True, tracing=tracing)
+    chains = []
+    for server_names, cert_chain, private_key in certificates:
+        chain = _chain(common.HTTP_CONNECTION_MANAGER, manager)
+        if server_names:
+            chain.filter_chain_match.server_names.extend(server_names)
+        context = tls_pb2.DownstreamTlsContext(
+            common_tls_context=tls_pb2.CommonTlsContext(
+                tls_certificates=[
+                    common_pb2.TlsCertificate(
+                        certificate_chain=base_pb2.DataSource(filename=cert_chain),
+                        private_key=base_pb2.DataSource(filename=private_key),
+                    )
+                ],
+                alpn_protocols=list(alpn),
+            )
+        )
+        chain.transport_socket.name = common.TLS_TRANSPORT
+        chain.transport_socket.typed_config.Pack(context)
+        chains.append(chain)
+    return listener_pb2.Listener(
+        name=name,
+        address=common.socket_address("0.0.0.0", port),
+        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+        listener_filters=[
+            listener_components_pb2.ListenerFilter(
+                name=common.TLS_INSPECTOR,
+                typed_config=common.packed(tls_inspector_pb2.TlsInspector()),
+            )
+        ],
+        filter_chains=chains,
     )
