@@ -17,8 +17,10 @@ from istio.mixerclient.attributes import (
     WordTable,
     changed,
     decode,
+    decode_plain,
     decode_report,
     encode,
+    encode_plain,
     encode_into,
 )
 
@@ -95,3 +97,34 @@ def test_malformed_messages_are_refused() -> None:
     request.global_word_count = 10
     with pytest.raises(DecodeError, match="record 1: "):
         decode_report(request)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_BAGS)
+def test_any_bag_survives_the_plain_form(bag: dict[str, object]) -> None:
+    message = encode_plain(bag)  # type: ignore[arg-type]
+    again = attributes_pb2.Attributes.FromString(message.SerializeToString())
+    assert decode_plain(again) == bag
+
+
+def test_the_plain_form_says_each_type_by_its_field() -> None:
+    message = encode_plain(
+        {
+            "source.uid": "kubernetes://reviews-v1.default",
+            "source.ip": b"\x7f\x00\x00\x05",
+            "source.port": 9080,
+            "source.labels": {"app": "reviews"},
+        }
+    )
+    fields = {name: slot.WhichOneof("value") for name, slot in message.attributes.items()}
+    assert fields == {
+        "source.uid": "string_value",
+        "source.ip": "bytes_value",
+        "source.port": "int64_value",
+        "source.labels": "string_map_value",
+    }
+    empty = attributes_pb2.Attributes()
+    empty.attributes["source.uid"].SetInParent()  # no value set: left out
+    assert decode_plain(empty) == {}
+    with pytest.raises(TypeError, match="attribute source.port: cannot send a list"):
+        encode_plain({"source.port": [1]})  # type: ignore[dict-item]

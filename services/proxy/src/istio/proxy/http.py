@@ -868,6 +868,12 @@ class Exchange:
             removed.add(b"x-forwarded-client-cert")
             if xfcc:
                 lines.append(xfcc)
+        # Source attributes are from one sidecar to the next one's Mixer: never the app's to
+        # send (nor a gateway's client's), never the app's to see.
+        removed.add(b"x-istio-attributes")
+        listener = self.conn.listener
+        if (listener is None or not listener.inbound) and self.conn.context.istio_attributes:
+            lines.append(self.conn.context.istio_attributes)
         has_request_id = has_proto = False
         forwarded_for = b""
         span = self.span
