@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf.message import DecodeError as _ProtobufDecodeError
+
 from istio.api.mixer.v1 import attributes_pb2, check_pb2, report_pb2
 from istio.expr import Value
 
@@ -495,6 +497,15 @@ def encode_plain(bag: Mapping[str, Value]) -> attributes_pb2.Attributes:
         else:
             raise TypeError(f"attribute {name}: cannot send a {type(value).__name__}")
     return message
+
+
+def read_plain(data: bytes) -> dict[str, Value]:
+    """The bag a serialized plain-form message holds; DecodeError when it is not one."""
+    try:
+        message = attributes_pb2.Attributes.FromString(data)
+    except _ProtobufDecodeError as error:
+        raise DecodeError(f"not an istio.mixer.v1.Attributes: {error}") from None
+    return decode_plain(message)
 
 
 def decode_plain(message: attributes_pb2.Attributes) -> dict[str, Value]:

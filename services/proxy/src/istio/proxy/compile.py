@@ -522,7 +522,7 @@ def _metadata_forward_attributes(metadata: base_pb2.Metadata) -> bool:
     istio = metadata.filter_metadata.get(ISTIO_METADATA)
     if istio is None or "mixer_forward_attributes" not in istio.fields:
         return False
-    return istio.fields["mixer_forward_attributes"].bool_value
+    return bool(istio.fields["mixer_forward_attributes"].bool_value)
 
 
 def _metadata_mixer(name: str, metadata: base_pb2.Metadata) -> rt.MixerFilter | None:

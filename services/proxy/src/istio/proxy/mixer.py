@@ -34,11 +34,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf.message import DecodeError
-
-from istio.api.mixer.v1 import attributes_pb2
 from istio.http2.grpc import Channel
-from istio.mixerclient.attributes import decode_plain, encode_plain
+from istio.mixerclient.attributes import DecodeError, encode_plain, read_plain
 from istio.mixerclient.client import OK, CheckAnswer, MixerClient
 from istio.proxy.config import MixerFilter
 
@@ -134,13 +131,13 @@ def forwarded_attributes(value: str) -> dict[str, Any]:
     decode is ignored (a plain client may send anything), and source.user is never taken
     (only mTLS says who the caller is)."""
     try:
-        message = attributes_pb2.Attributes.FromString(base64.b64decode(value, validate=True))
-    except (binascii.Error, ValueError, DecodeError):
+        bag = read_plain(base64.b64decode(value, validate=True))
+    except (binascii.Error, DecodeError):
         log.debug("ignoring an x-istio-attributes header that does not decode")
         return {}
     return {
         name: attribute
-        for name, attribute in decode_plain(message).items()
+        for name, attribute in bag.items()
         if name.startswith("source.") and name != "source.user"
     }
 
@@ -279,9 +276,7 @@ class TcpMixer:
                 "connection.received.bytes_total": received,
                 "connection.sent.bytes": sent,
                 "connection.sent.bytes_total": sent,
-                "connection.duration": datetime.timedelta(
-                    seconds=time.monotonic() - self.started
-                ),
+                "connection.duration": datetime.timedelta(seconds=time.monotonic() - self.started),
                 "context.time": datetime.datetime.now(datetime.UTC),
             }
         )
