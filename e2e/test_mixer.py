@@ -1,5 +1,6 @@
-"""0.2's Mixer scenarios on the running mesh: the default telemetry counts requests, and a
-denier rule stops exactly the requests it matches.
+"""0.2's Mixer scenarios on the running mesh: the default telemetry counts requests, a
+denier rule stops exactly the requests it matches, and one on the caller's source.uid (which
+its sidecar forwards) stops that caller only.
 
 Mixer answers are cached by the sidecars for at most the valid duration (10 s), and Reports
 are batched for up to a second: the checks below poll, bounded, for the state they expect.
@@ -12,11 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from istio.platform.driver import http
+from istio.platform.driver import REVIEWS_UNAVAILABLE, http
 from istio.platform.local.driver import LocalDriver
 
 RULES = Path(__file__).resolve().parent / "rules"
 DENY_ANONYMOUS = RULES / "mixer-deny-anonymous.yaml"
+DENY_PRODUCTPAGE = RULES / "mixer-deny-details-from-productpage.yaml"
+DETAILS_UNAVAILABLE = "product details are currently unavailable"
 PRODUCTPAGE = "productpage.default.svc.cluster.local"
 
 
@@ -58,3 +61,19 @@ def test_a_denier_rule_stops_only_what_it_matches(mesh: LocalDriver) -> None:
         mesh.istioctl("delete", "-f", str(DENY_ANONYMOUS))
     # Anonymous pages come back once the cached denial expires (the valid duration).
     eventually(lambda: http(page).status == 200)
+
+
+def test_the_server_sidecar_checks_the_callers_source_uid(mesh: LocalDriver) -> None:
+    """productpage's sidecar forwards its source.uid (x-istio-attributes); the details
+    sidecar's Check sees it, so a rule on it stops productpage's calls to details only."""
+    page = f"{mesh.ingress_url}/productpage"
+    assert DETAILS_UNAVAILABLE not in http(page).body
+    mesh.istioctl("create", "-f", str(DENY_PRODUCTPAGE))
+    try:
+        eventually(lambda: DETAILS_UNAVAILABLE in http(page).body)
+        answer = http(page)
+        assert answer.status == 200
+        assert REVIEWS_UNAVAILABLE not in answer.body  # productpage's other calls go through
+    finally:
+        mesh.istioctl("delete", "-f", str(DENY_PRODUCTPAGE))
+    eventually(lambda: DETAILS_UNAVAILABLE not in http(page).body)

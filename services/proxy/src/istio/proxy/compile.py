@@ -8,6 +8,7 @@ reason. Whatever the data path cannot honour faithfully is refused here, never h
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -541,7 +542,15 @@ def listener(resource: listener_pb2.Listener) -> rt.Listener:
         inbound=resource.traffic_direction == base_pb2.TrafficDirection.INBOUND,
         tls=tls,
         mixer=_metadata_mixer(name, resource.metadata),
+        forward_attributes=_metadata_forward_attributes(resource.metadata),
     )
+
+
+def _metadata_forward_attributes(metadata: base_pb2.Metadata) -> bool:
+    istio = metadata.filter_metadata.get(ISTIO_METADATA)
+    if istio is None or "mixer_forward_attributes" not in istio.fields:
+        return False
+    return bool(istio.fields["mixer_forward_attributes"].bool_value)
 
 
 def _metadata_mixer(name: str, metadata: base_pb2.Metadata) -> rt.MixerFilter | None:
@@ -565,6 +574,13 @@ def _metadata_mixer(name: str, metadata: base_pb2.Metadata) -> rt.MixerFilter | 
             value = {str(k): str(v) for k, v in value.items()}
         if value in ("", None, {}):
             continue
+        if str(key).endswith(".ip") and isinstance(value, str):
+            try:  # Mixer's IP_ADDRESS attributes travel as the address's bytes
+                value = ipaddress.ip_address(value).packed
+            except ValueError:
+                raise CompileError(
+                    "listener", name, f"mixer attribute {key}: {value!r} is not an IP address"
+                ) from None
         attributes[str(key)] = value
     return rt.MixerFilter(
         address=address,

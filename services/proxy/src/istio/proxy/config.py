@@ -429,6 +429,9 @@ class Listener:
     inbound: bool = False
     tls: DownstreamTls | None = None  # set: TLS terminated here (mTLS, or an ingress TLS port)
     mixer: MixerFilter | None = None  # set: requests are checked and reported to Mixer
+    # Pilot's `istio.mixer_forward_attributes` (on a sidecar's capture listener): Mixer is
+    # there, so outbound requests carry this sidecar's source attributes (x-istio-attributes).
+    forward_attributes: bool = False
 
 
 @dataclass(frozen=True, slots=True)

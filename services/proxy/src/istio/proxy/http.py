@@ -955,6 +955,12 @@ class Exchange:
             removed.add(b"x-forwarded-client-cert")
             if xfcc:
                 fields.append((b"x-forwarded-client-cert", xfcc))
+        # Source attributes are from one sidecar to the next one's Mixer: never the app's to
+        # send (nor a gateway's client's), never the app's to see.
+        removed.add(b"x-istio-attributes")
+        listener = self.conn.listener
+        if (listener is None or not listener.inbound) and self.conn.context.istio_attributes:
+            fields.append((b"x-istio-attributes", self.conn.context.istio_attributes))
         has_request_id = has_proto = te_trailers = False
         forwarded_for = b""
         span = self.span

@@ -137,6 +137,7 @@ def _admin_handler(agent: Agent, context: Context, workers: list[Worker]) -> Han
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     worker = bool(args.worker)
     reuse_port = args.concurrency > 1 or worker
+    node = Node(node_id(args), dict(args.meta))
     context = Context(
         limits=Limits(
             header_timeout=args.request_headers_timeout, drain_timeout=args.drain_seconds
@@ -144,11 +145,11 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         resolver=Resolver.from_file(args.hosts_file),
         access_log=AccessLog.open(args.access_log),
         service_name=args.service_cluster,
+        node_id=node.id,
     )
     tls = TlsManager(args.cert_dir, args.trust_domain)
     context.clusters.tls = tls
     listeners = ListenerManager(context, args.bind_address, reuse_port=reuse_port, tls=tls)
-    node = Node(node_id(args), dict(args.meta))
     agent = Agent(node, args.discovery_address, context, listeners)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

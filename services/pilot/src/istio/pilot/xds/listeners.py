@@ -127,9 +127,14 @@ def tcp_chain(
 
 def virtual_listener(index: MeshIndex) -> listener_pb2.Listener:
     """Port 15001: captured connections are handed to the listener for their original
-    destination; anything else finds no route (0.2 blocked unknown external traffic)."""
-    port = index.snapshot.mesh.proxy_listen_port or 15001
-    return listener_pb2.Listener(
+    destination; anything else finds no route (0.2 blocked unknown external traffic).
+
+    With Mixer in the mesh its metadata says `mixer_forward_attributes`: the sidecar then
+    tells the server sidecar its own source attributes on every outbound request (0.2's
+    forward_attributes; the values are the proxy's own, so these listeners stay shared)."""
+    mesh = index.snapshot.mesh
+    port = mesh.proxy_listen_port or 15001
+    listener = listener_pb2.Listener(
         name=VIRTUAL_LISTENER,
         address=common.socket_address("0.0.0.0", port),
         use_original_dst={"value": True},
@@ -144,6 +149,9 @@ def virtual_listener(index: MeshIndex) -> listener_pb2.Listener:
             common.TCP_PROXY, _tcp_proxy(BLACKHOLE_CLUSTER, BLACKHOLE_CLUSTER)
         ),
     )
+    if mesh.mixer_address:
+        listener.metadata.CopyFrom(common.istio_metadata({"mixer_forward_attributes": True}))
+    return listener
 
 
 def outbound_ports(index: MeshIndex) -> list[int]:
@@ -269,6 +277,9 @@ def inbound_listeners(
                             "attributes": {
                                 "destination.service": instance.service.hostname,
                                 "destination.ip": proxy.ip,
+                                # 0.2's: the workload's pod, as Mixer's Kubernetes adapter
+                                # names it (the calling sidecar sends its own as source.uid)
+                                "destination.uid": f"kubernetes://{proxy.id}",
                                 "destination.port": port,
                                 "destination.labels": dict(instance.labels),
                                 "destination.user": instance.service_account,
