@@ -1215,7 +1215,8 @@ class Exchange:
         self.mixer_report = (mixer.address, bag)
         if not mixer.check:
             return True
-        answer = await context.mixers.client(mixer.address).check(bag)
+        quotas = mixer_filter.charged_quotas(mixer, bag) if mixer.quotas else None
+        answer = await context.mixers.client(mixer.address).check(bag, quotas)
         if answer.ok:
             return True
         self.local_reply(

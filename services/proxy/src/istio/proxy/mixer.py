@@ -8,6 +8,10 @@ response response.*), asks `MixerClient.check` (cached by referenced attributes,
 answers a denial itself, and queues the Report (batched). The gRPC calls ride the proxy's own
 HTTP/2 client (istio.http2.grpc): no grpcio in the data plane. This module is imported only
 when a listener has Mixer, so a mesh without Mixer pays nothing for it.
+
+Quotas: the metadata's `quota_specs` (the QuotaSpecs Pilot found bound to the destination)
+say what each request is charged; Check asks for those (the client prefetches them), and a
+quota not granted is answered 429 (RESOURCE_EXHAUSTED), as Envoy's Mixer filter did.
 """
 
 from __future__ import annotations
@@ -115,6 +119,17 @@ def request_attributes(
     if source_user:
         bag["source.user"] = source_user
     return bag
+
+
+def charged_quotas(mixer: MixerFilter, bag: Mapping[str, Any]) -> dict[str, int]:
+    """What Check asks for this request: every quota of every bound QuotaSpec rule that
+    applies (a quota several rules name is charged their sum)."""
+    charged: dict[str, int] = {}
+    for rule in mixer.quotas:
+        if rule.applies(bag):
+            for name, amount in rule.quotas:
+                charged[name] = charged.get(name, 0) + amount
+    return charged
 
 
 def denial_status(answer: CheckAnswer) -> int:
