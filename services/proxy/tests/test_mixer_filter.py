@@ -6,6 +6,7 @@ charges are answered 429 once Mixer's memquota grants no more."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -231,29 +232,39 @@ async def test_quotas_a_spec_charges_are_answered_429_when_not_granted(mixer: st
         quotas=(charged,),
     )
     port = free_port(PROXY_IP)
-    snapshot = Snapshot(
-        listeners={
-            "ratings": Listener(
-                "ratings",
-                PROXY_IP,
-                port,
-                True,
-                False,
-                HttpManager("inbound_ratings", routes=table),
-                inbound=True,
-                mixer=ratings,
-            )
-        },
-        clusters={
-            "app": Cluster("app", ClusterType.STATIC, endpoints=(Endpoint(APP_IP, app_port),))
-        },
-    )
+
+    def snapshot(mixer: MixerFilter) -> Snapshot:
+        return Snapshot(
+            listeners={
+                "ratings": Listener(
+                    "ratings",
+                    PROXY_IP,
+                    port,
+                    True,
+                    False,
+                    HttpManager("inbound_ratings", routes=table),
+                    inbound=True,
+                    mixer=mixer,
+                )
+            },
+            clusters={
+                "app": Cluster("app", ClusterType.STATIC, endpoints=(Endpoint(APP_IP, app_port),))
+            },
+        )
+
     context = Context()
     listeners = ListenerManager(context, PROXY_IP)
-    context.apply(snapshot)
-    await listeners.apply(snapshot)
+    before = snapshot(dataclasses.replace(ratings, quotas=()))
+    context.apply(before)
+    await listeners.apply(before)
     try:
         async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{PROXY_IP}:{port}/ratings/0") as uncharged:
+                assert uncharged.status == 200
+            # The spec arrives (an LDS update) while the client's connection stays open: its
+            # next requests are charged all the same.
+            context.apply(snapshot(ratings))
+            await listeners.apply(context.snapshot)
             statuses = []
             for _ in range(6):
                 async with session.get(f"http://{PROXY_IP}:{port}/ratings/0") as answer:
@@ -265,7 +276,8 @@ async def test_quotas_a_spec_charges_are_answered_429_when_not_granted(mixer: st
             assert "quota requestcount exhausted" in body
             async with session.get(f"http://{PROXY_IP}:{port}/health") as free:
                 assert free.status == 200  # no rule charges it: no quota asked
-        assert hits == ["/ratings/0"] * 3 + ["/health"]
+            assert len(listeners.bound["ratings"].connections) == 1  # one kept alive
+        assert hits == ["/ratings/0"] * 4 + ["/health"]
         (client,) = context.mixers.clients.values()
         assert client.stats.transport_failures == 0
     finally:
