@@ -95,6 +95,12 @@ def external() -> Iterator[dict[str, list[str]]]:
         thread.join()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Scenarios that leave the shared mesh changed for good (`breaks_mesh`: a killed
+    workload) run after all the others, whatever module they are in (sort is stable)."""
+    items.sort(key=lambda item: item.get_closest_marker("breaks_mesh") is not None)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for driver in _drivers:
         times = driver.propagation
