@@ -586,7 +586,55 @@ def _metadata_mixer(name: str, metadata: base_pb2.Metadata) -> rt.MixerFilter | 
         address=address,
         check=not mixer.get("disable_policy_checks", False),
         attributes=attributes,
+        quotas=tuple(
+            rule
+            for position, spec in enumerate(mixer.get("quota_specs") or ())
+            for rule in _quota_spec(name, f"mixer.quota_specs[{position}]", spec)
+        ),
     )
+
+
+def _quota_spec(listener: str, where: str, spec: Any) -> list[rt.QuotaRule]:
+    """A QuotaSpec in its JSON form (Pilot's metadata) as rules; CompileError names the field."""
+
+    def fail(field: str, problem: str) -> CompileError:
+        return CompileError("listener", listener, f"{where}{field}: {problem}")
+
+    if not isinstance(spec, dict):
+        raise fail("", "not a QuotaSpec object")
+    rules = []
+    for index, rule in enumerate(spec.get("rules") or ()):
+        at = f".rules[{index}]"
+        alternatives = []
+        for position, match in enumerate(rule.get("match") or ()):
+            clauses = []
+            for attribute, condition in ((match or {}).get("clause") or {}).items():
+                field = f"{at}.match[{position}].clause.{attribute}"
+                kinds = [k for k in ("exact", "prefix", "regex") if k in (condition or {})]
+                if len(kinds) != 1 or not isinstance(condition[kinds[0]], str):
+                    raise fail(field, "needs one string of exact, prefix or regex")
+                value = condition[kinds[0]]
+                if kinds[0] == "regex":
+                    try:
+                        clauses.append(rt.AttributeMatch(attribute, regex=re.compile(value)))
+                    except re.error as error:
+                        raise fail(field, f"bad regex {value!r}: {error}") from None
+                else:
+                    clauses.append(rt.AttributeMatch(attribute, **{kinds[0]: value}))
+            alternatives.append(tuple(clauses))
+        quotas = []
+        for position, quota in enumerate(rule.get("quotas") or ()):
+            field = f"{at}.quotas[{position}]"
+            name, charge = (quota or {}).get("quota"), (quota or {}).get("charge", 0)
+            try:
+                amount = int(charge)  # int64 is a JSON string in a proto's JSON form
+            except (TypeError, ValueError):
+                amount = 0
+            if not isinstance(name, str) or not name or amount <= 0:
+                raise fail(field, "needs a quota name and a positive charge")
+            quotas.append((name, amount))
+        rules.append(rt.QuotaRule(tuple(alternatives), tuple(quotas)))
+    return rules
 
 
 def _chains_by_transport(

@@ -437,11 +437,47 @@ class Listener:
 @dataclass(frozen=True, slots=True)
 class MixerFilter:
     """Pilot's inbound listener metadata `istio.mixer`: where Mixer is, whether to Check (0.2's
-    disable_policy_checks turns Check off, Report stays), and the destination's attributes."""
+    disable_policy_checks turns Check off, Report stays), the destination's attributes, and
+    the rules of the QuotaSpecs bound to it (what each request is charged in Check)."""
 
     address: str
     check: bool
     attributes: Mapping[str, Any]
+    quotas: tuple[QuotaRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeMatch:
+    """One string attribute's condition in a QuotaRule: exact, prefix, or regex (whole value)."""
+
+    attribute: str
+    exact: str | None = None
+    prefix: str | None = None
+    regex: re.Pattern[str] | None = None
+
+    def matches(self, value: object) -> bool:
+        if not isinstance(value, str):
+            return False  # absent, or not a string: no clause holds
+        if self.exact is not None:
+            return value == self.exact
+        if self.prefix is not None:
+            return value.startswith(self.prefix)
+        return self.regex is not None and self.regex.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRule:
+    """A QuotaSpec rule: a request is charged `quotas` (name, amount) when one of `match`'s
+    alternatives holds (each all of its clauses), or always when there is none."""
+
+    match: tuple[tuple[AttributeMatch, ...], ...]
+    quotas: tuple[tuple[str, int], ...]
+
+    def applies(self, attributes: Mapping[str, Any]) -> bool:
+        return not self.match or any(
+            all(clause.matches(attributes.get(clause.attribute)) for clause in alternative)
+            for alternative in self.match
+        )
 
 
 class ClusterType(enum.Enum):

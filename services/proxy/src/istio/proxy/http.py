@@ -769,7 +769,11 @@ class Exchange:
                 self.request_id = value.decode("latin-1")
         if not self.request_id and manager.generate_request_id:
             self.request_id = request_id()
-        mixer = conn.listener.mixer if conn.listener is not None else None
+        # The listener's current config, as `manager` reads it: a connection accepted before
+        # an LDS update (a QuotaSpec bound since) checks by the new one.
+        mixer = None
+        if conn.listener is not None:
+            mixer = (context.snapshot.listeners.get(conn.listener.name) or conn.listener).mixer
         if mixer is not None and not await self._mixer_check(mixer):
             return
         if manager.tracing is not None:
@@ -1394,7 +1398,8 @@ class Exchange:
         self.mixer_report = (mixer.address, bag)
         if not mixer.check:
             return True
-        answer = await context.mixers.client(mixer.address).check(bag)
+        quotas = mixer_filter.charged_quotas(mixer, bag) if mixer.quotas else None
+        answer = await context.mixers.client(mixer.address).check(bag, quotas)
         if answer.ok:
             return True
         self.local_reply(

@@ -20,6 +20,10 @@ outbound request: base64 of an istio.mixer.v1.Attributes with its own source.uid
 them into its bag (they name the caller better than the connection's peer, which may be a
 loopback or NATed address) and strips the header before the app. They are not authenticated
 (as in 0.2): source.user, the mTLS identity, is never taken from them.
+
+Quotas: the metadata's `quota_specs` (the QuotaSpecs Pilot found bound to the destination)
+say what each request is charged; Check asks for those (the client prefetches them), and a
+quota not granted is answered 429 (RESOURCE_EXHAUSTED), as Envoy's Mixer filter did.
 """
 
 from __future__ import annotations
@@ -188,6 +192,17 @@ def request_attributes(
     if source_user:
         bag["source.user"] = source_user
     return bag
+
+
+def charged_quotas(mixer: MixerFilter, bag: Mapping[str, Any]) -> dict[str, int]:
+    """What Check asks for this request: every quota of every bound QuotaSpec rule that
+    applies (a quota several rules name is charged their sum)."""
+    charged: dict[str, int] = {}
+    for rule in mixer.quotas:
+        if rule.applies(bag):
+            for name, amount in rule.quotas:
+                charged[name] = charged.get(name, 0) + amount
+    return charged
 
 
 def denial_status(answer: CheckAnswer) -> int:

@@ -571,10 +571,12 @@ class TlsManager:
         settings: UpstreamTls,
         alpn: tuple[str, ...],
         stats: ProtocolStats,
+        *,
+        local_addr: tuple[str, int] | None = None,
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
-        """A mutual TLS connection to `host:port`, served by `factory()`'s protocol once the
-        server's identity is checked. OSError for TCP, TlsError for TLS; the caller bounds the
-        time."""
+        """A mutual TLS connection to `host:port` (from `local_addr` when given), served by
+        `factory()`'s protocol once the server's identity is checked. OSError for TCP, TlsError
+        for TLS; the caller bounds the time."""
         try:
             credentials = self.credentials(settings.files)
             context = credentials.client_context(settings, alpn)
@@ -598,6 +600,7 @@ class TlsManager:
                 ssl=context,
                 server_hostname=settings.sni or host,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                local_addr=local_addr,
             )
         except ssl.SSLError as error:
             stat, reason = _handshake_failure(error)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import random
 import socket
 import ssl
@@ -93,6 +94,25 @@ class Resolver:
 
     def resolve(self, host: str) -> str:
         return self.hosts.get(host.lower(), host)
+
+
+def local_address(source: str, destination: str) -> tuple[str, int] | None:
+    """Where a connection to `destination` leaves from: `source` (any port), as Envoy's
+    upstream_bind_config.source_address, so that the peer sees this workload's address (the
+    local platform gives each workload its own 127.0.0.N, and Mixer tells callers apart by
+    source.ip). None, the kernel's choice, without a source, for a destination that is a name
+    or of the other family, and from a loopback source to a host it cannot reach (not
+    loopback)."""
+    if not source:
+        return None
+    try:
+        ours = ipaddress.ip_address(source)
+        theirs = ipaddress.ip_address(destination)
+    except ValueError:
+        return None
+    if ours.version != theirs.version or (ours.is_loopback and not theirs.is_loopback):
+        return None
+    return source, 0
 
 
 class UpstreamConnection(CorkedWrites, asyncio.Protocol):
@@ -328,11 +348,13 @@ class ClusterRuntime:
         *,
         tls: TlsManager | None = None,
         ssl_stats: Callable[[], ProtocolStats] | None = None,
+        source_address: str = "",
     ) -> None:
         self.config = config
         self.stats = stats
         self.resolver = resolver
         self.tls = tls
+        self.source_address = source_address
         self._ssl_stats = ssl_stats
         self.hosts: dict[Address, HostState] = {}
         self.order: list[HostState] = []
@@ -569,10 +591,11 @@ class ClusterRuntime:
         address = self.resolver.resolve(name)
         loop = asyncio.get_running_loop()
         mtls = self.config.mtls
+        local = local_address(self.source_address, address)
         try:
             if mtls is not None:
                 return await (self.tls or TlsManager(None)).connect(
-                    factory, address, port, mtls, alpn, self.ssl_stats()
+                    factory, address, port, mtls, alpn, self.ssl_stats(), local_addr=local
                 )
             tls = None
             server_hostname = None
@@ -582,7 +605,12 @@ class ClusterRuntime:
                 tls = self._ssl
                 server_hostname = self.config.tls_sni or name
             transport, protocol = await loop.create_connection(
-                factory, address, port, ssl=tls, server_hostname=server_hostname
+                factory,
+                address,
+                port,
+                ssl=tls,
+                server_hostname=server_hostname,
+                local_addr=local,
             )
             return transport, protocol
         except (OSError, ssl.SSLError, TlsError) as error:
@@ -641,12 +669,21 @@ class ClusterRuntime:
 class ClusterManager:
     """The live clusters, kept in step with each snapshot."""
 
-    def __init__(self, stats: Stats, resolver: Resolver, tls: TlsManager | None = None) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        resolver: Resolver,
+        tls: TlsManager | None = None,
+        source_address: str = "",
+    ) -> None:
         self.stats = stats
         self.resolver = resolver
         # the proxy's certificates for clusters that originate mTLS (set before the first
         # snapshot: main.py); without, those clusters fail to connect, saying why
         self.tls = tls
+        # where upstream connections leave from (Envoy's upstream_bind_config; set before the
+        # first snapshot: main.py); empty: the kernel's choice
+        self.source_address = source_address
         self.clusters: dict[str, ClusterRuntime] = {}
 
     def apply(
@@ -670,6 +707,7 @@ class ClusterManager:
                     ssl_stats=functools.partial(
                         self.stats.protocol_stats, "ssl", f"cluster.{name}"
                     ),
+                    source_address=self.source_address,
                 )
             else:
                 runtime.update(config, members)

@@ -206,8 +206,9 @@ def _sidecar(
             ],
         )
     )
-    # A proxy's own inbound clusters and listeners depend on it, its instances and the mesh
-    # config alone: kept per proxy, and carried across rule changes (istio.pilot.xds.index).
+    # A proxy's own inbound clusters and listeners depend on it, its instances, the mesh
+    # config and the QuotaSpecs (and bindings) alone: kept per proxy, and carried across
+    # routing rule changes (istio.pilot.xds.index).
     own_key = (proxy.node_id, tuple(sorted(proxy.metadata.items())))
     own[resources.CLUSTER] = index.cached(
         ("inbound-cds", own_key), lambda: list(cds.inbound_clusters(index, proxy, instances))

@@ -20,10 +20,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.mongo_proxy.v3 import mongo_proxy_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from google.protobuf import json_format
 
+from istio.api.mixer.v1.config.client import quota_pb2
 from istio.config.duration import parse_duration
 from istio.model import Labels, Protocol, Proxy, ServiceInstance
-from istio.model.service import Direction, Port, cluster_name
+from istio.model.service import DEFAULT_DOMAIN, Direction, Port, cluster_name
 from istio.pilot.xds import common
 from istio.pilot.xds import tracing as trace_settings
 from istio.pilot.xds.index import MeshIndex, destination_policy, egress_rule, policy_for
@@ -211,6 +213,37 @@ def outbound_listeners(index: MeshIndex) -> list[listener_pb2.Listener]:
     return listeners
 
 
+def quota_specs(index: MeshIndex, instance: ServiceInstance) -> list[dict[str, Any]]:
+    """The QuotaSpecs (as JSON) that QuotaSpecBindings bind to the instance's service (and, when
+    a binding's service names labels, to instances with those labels), in binding order
+    (namespace, name), each once. A reference to a spec that does not exist binds nothing."""
+    specs = {(c.meta.namespace, c.meta.name): c.spec for c in index.snapshot.of_kind("QuotaSpec")}
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for config in index.snapshot.of_kind("QuotaSpecBinding"):
+        binding = config.spec
+        assert isinstance(binding, quota_pb2.QuotaSpecBinding)
+        namespace = config.meta.namespace
+        if not any(
+            _quota_host(service, namespace) == instance.service.hostname
+            and instance.labels.matches(service.labels)
+            for service in binding.services
+        ):
+            continue
+        for reference in binding.quota_specs:
+            key = (reference.namespace or namespace, reference.name)
+            spec = specs.get(key)
+            if spec is not None and key not in found:
+                found[key] = json_format.MessageToDict(spec)
+    return list(found.values())
+
+
+def _quota_host(service: quota_pb2.IstioService, namespace: str) -> str:
+    """The hostname a binding's IstioService names (its namespace defaults to the binding's)."""
+    if service.service:
+        return service.service
+    return f"{service.name}.{service.namespace or namespace}.{service.domain or DEFAULT_DOMAIN}"
+
+
 def inbound_listeners(
     index: MeshIndex, proxy: Proxy, instances: Sequence[ServiceInstance]
 ) -> list[listener_pb2.Listener]:
@@ -218,7 +251,8 @@ def inbound_listeners(
 
     With iptables capture they are not bound (traffic arrives through 15001); without it
     (INTERCEPTION_MODE=NONE, the local platform) the sidecar binds them on its own IP.
-    Their metadata carries what the Mixer filter reports about the destination.
+    Their metadata carries what the Mixer filter reports about the destination, and the
+    QuotaSpecs bound to it (what each request is charged in Check).
     """
     bind = proxy.metadata.get("INTERCEPTION_MODE", "REDIRECT").upper() == "NONE"
     mesh = index.snapshot.mesh
@@ -228,6 +262,24 @@ def inbound_listeners(
     listeners = []
     for port, instance in sorted(by_port.items()):
         cluster = cluster_name(Direction.INBOUND, port, instance.service.hostname)
+        mixer: dict[str, Any] = {
+            "address": mesh.mixer_address,
+            "disable_policy_checks": mesh.disable_policy_checks,
+            "attributes": {
+                "destination.service": instance.service.hostname,
+                "destination.ip": proxy.ip,
+                # 0.2's: the workload's pod, as Mixer's Kubernetes adapter names it (the
+                # calling sidecar sends its own as source.uid)
+                "destination.uid": f"kubernetes://{proxy.id}",
+                "destination.port": port,
+                "destination.labels": dict(instance.labels),
+                "destination.user": instance.service_account,
+                "destination.namespace": instance.service.namespace,
+            },
+        }
+        specs = quota_specs(index, instance)
+        if specs:
+            mixer["quota_specs"] = specs
         if instance.service_port.protocol.is_http:
             route_config = route_pb2.RouteConfiguration(
                 name=f"inbound|{port}",
@@ -271,21 +323,7 @@ def inbound_listeners(
                 filter_chains=[chain],
                 metadata=common.istio_metadata(
                     {
-                        "mixer": {
-                            "address": mesh.mixer_address,
-                            "disable_policy_checks": mesh.disable_policy_checks,
-                            "attributes": {
-                                "destination.service": instance.service.hostname,
-                                "destination.ip": proxy.ip,
-                                # 0.2's: the workload's pod, as Mixer's Kubernetes adapter
-                                # names it (the calling sidecar sends its own as source.uid)
-                                "destination.uid": f"kubernetes://{proxy.id}",
-                                "destination.port": port,
-                                "destination.labels": dict(instance.labels),
-                                "destination.user": instance.service_account,
-                                "destination.namespace": instance.service.namespace,
-                            },
-                        },
+                        "mixer": mixer,
                         "auth_policy": mesh.AuthPolicy.Name(mesh.auth_policy),
                         "mtls_permissive": mesh.mtls_permissive,
                         "protocol": instance.service_port.protocol.value,
