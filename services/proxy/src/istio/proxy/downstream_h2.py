@@ -103,6 +103,7 @@ class H2Downstream(asyncio.Protocol):
         self.closed = False
         self.draining = False
         self.write_paused = False
+        self.send_scheduled = False
         self.idle_timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
@@ -262,7 +263,17 @@ class H2Downstream(asyncio.Protocol):
         """Whole-connection reading never pauses for one request: streams use windows."""
 
     def flush(self) -> None:
-        if self.corked or self.transport is None or self.closed:
+        """Send the queued frames at the end of this turn of the event loop, not now: the
+        frames of every stream one turn touches (a run of upstream responses arrives as
+        headers, data and end of each, each flushed) go out in one system call."""
+        if self.send_scheduled or self.corked or self.transport is None or self.closed:
+            return
+        self.send_scheduled = True
+        self.loop.call_soon(self.send_queued)
+
+    def send_queued(self) -> None:
+        self.send_scheduled = False
+        if self.transport is None or self.closed:
             return
         out = self.h2.data_to_send()
         if out:
@@ -298,7 +309,7 @@ class H2Downstream(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.corked = False
-            self.flush()
+            self.send_queued()
             self.closed = True
             self.transport.close()
 

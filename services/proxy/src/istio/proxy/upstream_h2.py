@@ -70,12 +70,15 @@ class H2Upstream(asyncio.Protocol):
         self.requests = 0  # streams this connection has carried
         self.write_paused = False
         self.draining = False  # its host left the cluster: no new streams, close when idle
+        self.send_scheduled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -156,10 +159,20 @@ class H2Upstream(asyncio.Protocol):
         if not self.streams:
             self.close()
 
-    # writes: one system call per event that produces frames
+    # writes: one system call per turn of the event loop that produced frames
 
     def flush(self) -> None:
-        if self.corked or self.transport is None or self.closed:
+        """Send the queued frames at the end of this turn of the event loop, not now: the
+        requests of every exchange one turn starts (a client's batch of streams) go out in
+        one system call."""
+        if self.send_scheduled or self.corked or self.loop is None or self.closed:
+            return
+        self.send_scheduled = True
+        self.loop.call_soon(self.send_queued)
+
+    def send_queued(self) -> None:
+        self.send_scheduled = False
+        if self.transport is None or self.closed:
             return
         out = self.h2.data_to_send()
         if out:
