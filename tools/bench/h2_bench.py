@@ -45,10 +45,12 @@ import collections
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,7 @@ TARGETS = {"sidecar_vs_haproxy": 0.3, "two_vs_direct": 0.5}
 GRPC_METHOD = "/bench.Echo/Echo"
 GRPC_PAYLOAD = b"x" * 32
 GRPC_READY = "grpc echo serving"
+WINDOW_START, WINDOW_END = "measuring", "measured"  # the gRPC client's marks on stdout
 H2_PATHS = ("direct", "haproxy", "sidecar")
 GRPC_PATHS = ("direct", "two sidecars")
 
@@ -133,6 +136,7 @@ class Result:
     errors: str  # "" or a short description of failed requests or calls
     cpu: dict[str, float] = field(default_factory=dict)  # process name -> share of one core
     machine: float = 0.0  # cores busy, all processes (the client, the kernel's loopback work...)
+    client: float = 0.0  # the client's (h2load's, the gRPC client's) share of one core
 
 
 def med(values: list[float]) -> float:
@@ -149,6 +153,7 @@ def median_run(results: list[Result]) -> Result:
         errors="; ".join(r.errors for r in results if r.errors),
         cpu={k: med([r.cpu[k] for r in results]) for k in results[0].cpu},
         machine=med([r.machine for r in results]),
+        client=med([r.client for r in results]),
     )
 
 
@@ -158,13 +163,19 @@ def percentile(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the clients this script waited for
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_watched(
     name: str, argv: list[str], duration: float, watch: dict[str, int]
-) -> tuple[str, dict[str, float], float]:
-    """One bounded client run: its stdout, the CPU share of the `watch` processes over it and
-    the cores busy machine-wide."""
+) -> tuple[str, dict[str, float], float, float]:
+    """One bounded client run: its stdout, the CPU share of the `watch` processes over it, the
+    cores busy machine-wide and the client's own share of one core."""
     cpu0 = {n: cpu_seconds(pid) for n, pid in watch.items()}
     busy0, total0 = machine_busy()
+    client0 = children_cpu()
     start = time.monotonic()
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
@@ -176,7 +187,7 @@ def run_watched(
         raise BenchError(f"{name} failed ({done.returncode}): {done.stderr or done.stdout}")
     cpu = {n: (cpu_seconds(pid) - cpu0[n]) / elapsed for n, pid in watch.items()}
     cores = (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
-    return done.stdout, cpu, cores
+    return done.stdout, cpu, cores, (children_cpu() - client0) / elapsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +254,9 @@ def h2load(
     if authority:
         argv += ["-H", f":authority: {authority}"]
     argv.append(url)
-    out, cpu, cores = run_watched("h2load", argv, duration, watch or {})
+    out, cpu, cores, client = run_watched("h2load", argv, duration, watch or {})
     result = parse_h2load(out, log)
-    result.cpu, result.machine = cpu, cores
+    result.cpu, result.machine, result.client = cpu, cores, client
     return result
 
 
@@ -301,10 +312,12 @@ async def grpc_client(
         callers = [asyncio.create_task(caller()) for _ in range(concurrency)]
         await asyncio.sleep(warmup)
         state["measuring"] = True
+        print(WINDOW_START, flush=True)  # the parent samples CPU times over the window
         began = time.perf_counter()
         await asyncio.sleep(duration)
         state["measuring"] = False
         elapsed = time.perf_counter() - began
+        print(WINDOW_END, flush=True)
         state["stop"] = True
         await asyncio.wait_for(asyncio.gather(*callers), 10)
     latencies.sort()
@@ -324,6 +337,8 @@ def grpc_run(
     args: argparse.Namespace,
     watch: dict[str, int] | None = None,
 ) -> Result:
+    """One bounded gRPC client run; CPU shares over its measured window (after its start-up
+    and warm-up), which it marks on stdout."""
     argv = [
         sys.executable,
         __file__,
@@ -338,11 +353,30 @@ def grpc_run(
     ]
     if authority:
         argv += ["--authority", authority]
-    out, cpu, cores = run_watched("grpc client", argv, duration + 1, watch or {})
+    # stderr to a file, not a pipe: nobody reads it while the client runs
+    with tempfile.TemporaryFile("w+") as errors_file:
+        popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors_file, text=True)
+        killer = threading.Timer(duration + 30, popen.kill)  # bounds every read below
+        killer.start()
+        try:
+            cpu, cores = window(popen, {"client": popen.pid, **(watch or {})})
+            assert popen.stdout is not None
+            out = popen.stdout.read()
+            popen.wait()
+        finally:
+            killer.cancel()
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+        errors_file.seek(0)
+        err = errors_file.read()
     try:
         data = json.loads(out)
     except ValueError:
-        raise BenchError(f"grpc client printed no result: {out!r}") from None
+        raise BenchError(f"grpc client failed ({popen.returncode}): {err or out!r}") from None
+    if "client" not in cpu:
+        raise BenchError(f"grpc client never ended its measured window: {err or out!r}")
+    client = cpu.pop("client")
     failures: dict[str, int] = data["failures"]
     errors = ", ".join(f"{n} x {what}" for what, n in sorted(failures.items()))
     return Result(
@@ -353,7 +387,28 @@ def grpc_run(
         errors=f"{sum(failures.values())} failed calls ({errors})" if failures else "",
         cpu=cpu,
         machine=cores,
+        client=client,
     )
+
+
+def window(popen: subprocess.Popen[str], watch: dict[str, int]) -> tuple[dict[str, float], float]:
+    """CPU shares of the `watch` processes and cores busy between the client's two marks
+    ({} when it ends without them)."""
+    assert popen.stdout is not None
+    cpu0: dict[str, float] = {}
+    busy0 = total0 = 0.0
+    began = time.monotonic()
+    for line in popen.stdout:
+        if line.strip() == WINDOW_START:
+            cpu0 = {n: cpu_seconds(pid) for n, pid in watch.items()}
+            busy0, total0 = machine_busy()
+            began = time.monotonic()
+        elif line.strip() == WINDOW_END and cpu0:
+            elapsed = time.monotonic() - began
+            cpu = {n: (cpu_seconds(pid) - cpu0[n]) / elapsed for n, pid in watch.items()}
+            busy1, total1 = machine_busy()
+            return cpu, (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+    return {}, 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,17 +490,19 @@ def per_round_ratios(
 
 
 def table(
-    header: str, results: dict[str, Result], proxies: tuple[str, ...], unit: str
+    header: str, results: dict[str, Result], proxies: tuple[str, ...], server: str, unit: str
 ) -> list[str]:
     lines = [
-        f"| {header} | {unit} | p50 | p99 | proxy CPU (cores) | machine busy (cores) | errors |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        f"| {header} | {unit} | p50 | p99 | proxy CPU (cores) | client CPU | {server} CPU |"
+        " machine busy (cores) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
         cpu = " + ".join(f"{r.cpu[k]:.2f} {k}" for k in proxies if k in r.cpu) or "-"
         lines.append(
             f"| {name} | {r.rps:,.0f} | {fmt_ms(r.p50_ms)} | {fmt_ms(r.p99_ms)} | {cpu} |"
-            f" {r.machine:.2f} | {r.errors or '-'} |"
+            f" {r.client:.2f} | {r.cpu.get(server, 0.0):.2f} | {r.machine:.2f} |"
+            f" {r.errors or '-'} |"
         )
     return lines
 
@@ -486,9 +543,10 @@ def report(
         "",
         f"Each figure is the median over {args.rounds} interleaved rounds ({args.duration:g} s"
         " each after a 1 s warm-up); ratios are taken within each round, then their median. p50 /"
-        " p99 from h2load's per-request log and the gRPC client's own timings. Proxy CPU is each"
-        " proxy process's share of one core; machine busy is all cores' (the client and the"
-        " kernel's loopback work included). Other work on the shared machine just before the"
+        " p99 from h2load's per-request log and the gRPC client's own timings. Proxy, client"
+        " and backend/server CPU are each process's share of one core; machine busy is all"
+        " cores' (other sessions' work and the kernel's loopback work included). Other work on"
+        " the shared machine just before the"
         f" runs: {facts['background']} cores busy"
         + (
             " (**noisy**: other work competed for the cores; rerun on a quiet machine)."
@@ -496,9 +554,9 @@ def report(
             else "."
         ),
         "",
-        *table("HTTP/2 path", h2, ("haproxy", "sidecar"), "req/s"),
+        *table("HTTP/2 path", h2, ("haproxy", "sidecar"), "backend", "req/s"),
         "",
-        *table("gRPC path", grpc, ("client sidecar", "server sidecar"), "calls/s"),
+        *table("gRPC path", grpc, ("client sidecar", "server sidecar"), "server", "calls/s"),
     ]
 
     def each(key: str) -> str:
@@ -683,7 +741,7 @@ def _run(
 
 
 def describe(r: Result, unit: str) -> str:
-    cpu = ", ".join(f"{k} {v:.2f}" for k, v in r.cpu.items())
+    cpu = ", ".join(f"{k} {v:.2f}" for k, v in {"client": r.client, **r.cpu}.items())
     errors = f" ERRORS {r.errors}" if r.errors else ""
     return (
         f"  {r.rps:,.0f} {unit} p50 {fmt_ms(r.p50_ms)} p99 {fmt_ms(r.p99_ms)} cpu {cpu}"
