@@ -12,13 +12,20 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from aiohttp import web
 
-from istio.http2 import PREFACE, ConnectionTerminated, ErrorCode, H2Connection
+from istio.http2 import (
+    PREFACE,
+    ConnectionTerminated,
+    ErrorCode,
+    H2Connection,
+    PingAcked,
+    SettingsAcked,
+)
 from istio.proxy.config import (
     Cluster,
     ClusterType,
@@ -36,7 +43,9 @@ from istio.proxy.config import (
     VirtualHost,
 )
 from istio.proxy.context import Context
+from istio.proxy.downstream_h2 import H2Downstream
 from istio.proxy.listeners import ListenerManager
+from istio.proxy.upstream_h2 import H2Upstream
 from istio.testing.net import free_port
 
 PROXY_HOST = "127.0.0.40"
@@ -469,3 +478,78 @@ async def test_bad_frames_get_goaway_and_others_keep_working(mesh: Mesh) -> None
         code = await loop.run_in_executor(None, attack, bytes(burst))
         assert code == ErrorCode.ENHANCE_YOUR_CALM
         assert await hello(b"after") == b"hello after"
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def pings(peer: H2Connection, count: int) -> list[bytes]:
+    """`count` reads from `peer`, each one PING."""
+    reads = []
+    for n in range(count):
+        peer.ping(b"%08d" % n)
+        reads.append(peer.data_to_send())
+    return reads
+
+
+async def test_frames_queued_in_one_loop_turn_leave_in_one_write() -> None:
+    """What one turn of the event loop queues on an HTTP/2 connection, downstream or upstream
+    (a batch of responses, of requests; here our SETTINGS, the acknowledgement of the peer's
+    and the answers to three PINGs read separately) goes out in one write at the end of the
+    turn, not one system call per event. Closing sends what is queued at once."""
+    downstream = H2Downstream(
+        Context(),
+        None,
+        original_dst=None,
+        registry=None,
+        peer_identity=None,
+        xfcc=None,
+        stats=None,
+    )
+    transport = RecordingTransport()
+    downstream.connection_made(transport)
+    client = H2Connection(client=True)
+    client.initiate()
+    for read in [client.data_to_send(), *pings(client, 3)]:
+        downstream.data_received(read)
+    assert transport.writes == []
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 1
+    events = client.receive(transport.writes[0])
+    assert [e.data for e in events if isinstance(e, PingAcked)] == [b"%08d" % n for n in range(3)]
+    assert any(isinstance(e, SettingsAcked) for e in events)
+    downstream.drain()  # no streams: GOAWAY, sent before the transport closes
+    assert transport.closed
+    assert len(transport.writes) == 2
+    assert any(isinstance(e, ConnectionTerminated) for e in client.receive(transport.writes[1]))
+    downstream.connection_lost(None)
+
+    # the upstream side: only the connection's own frames here (no cluster, no host needed)
+    upstream = H2Upstream(cast(Any, None), cast(Any, None))
+    transport = RecordingTransport()
+    upstream.connection_made(transport)
+    server = H2Connection(client=False)
+    server.initiate()
+    for read in [server.data_to_send(), *pings(server, 3)]:
+        upstream.data_received(read)
+    assert transport.writes == []
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 1
+    events = server.receive(transport.writes[0])
+    assert [e.data for e in events if isinstance(e, PingAcked)] == [b"%08d" % n for n in range(3)]

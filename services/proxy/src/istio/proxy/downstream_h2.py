@@ -104,6 +104,7 @@ class H2Downstream(CorkedFrames, asyncio.Protocol):
         self.closed = False
         self.draining = False
         self.write_paused = False
+        self.send_scheduled = False
         self.idle_timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
@@ -282,7 +283,7 @@ class H2Downstream(CorkedFrames, asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.corked = False
-            self.flush()
+            self.send_queued()
             self.closed = True
             self.transport.close()
 

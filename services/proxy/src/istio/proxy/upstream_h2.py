@@ -71,6 +71,8 @@ class H2Upstream(CorkedFrames, asyncio.Protocol):
         self.requests = 0  # streams this connection has carried
         self.write_paused = False
         self.draining = False  # its host left the cluster: no new streams, close when idle
+        self.send_scheduled = False
+        self.loop = asyncio.get_running_loop()  # made by the loop's protocol factory
 
     # asyncio.Protocol
 
