@@ -73,8 +73,8 @@ def _service_cluster(
     if mtls and not service.mesh_external:
         # What the sidecar's TLS origination reads (the CA issue): mesh services speak mTLS
         # when the mesh (or the service port's auth.istio.io annotation) says so; external
-        # ones never do. Only set when true: every proxy
-        # decodes every cluster, and the service, port and labels are in the name already.
+        # ones never do. Only set when true: every proxy decodes every cluster, and the
+        # service, port and labels are in the name already.
         # The identities the service's workloads run as: the proxy checks the server's
         # certificate names one of them (0.2's verify_subject_alt_name).
         fields: dict[str, object] = {"mtls": True}
