@@ -251,8 +251,11 @@ def inbound_listeners(
 
     With iptables capture they are not bound (traffic arrives through 15001); without it
     (INTERCEPTION_MODE=NONE, the local platform) the sidecar binds them on its own IP.
-    Their metadata carries what the Mixer filter reports about the destination, and the
-    QuotaSpecs bound to it (what each request is charged in Check).
+    Their metadata carries what the Mixer filter reports about the destination, the
+    QuotaSpecs bound to it (what each request is charged in Check), and the service port's
+    auth policy (the mesh's, or its auth.istio.io annotation's), from which
+    the proxy terminates mutual TLS. When services share an endpoint port, the listener
+    follows the first (by hostname), as its Mixer attributes do.
     """
     bind = proxy.metadata.get("INTERCEPTION_MODE", "REDIRECT").upper() == "NONE"
     mesh = index.snapshot.mesh
@@ -324,7 +327,7 @@ def inbound_listeners(
                 metadata=common.istio_metadata(
                     {
                         "mixer": mixer,
-                        "auth_policy": mesh.AuthPolicy.Name(mesh.auth_policy),
+                        "auth_policy": common.auth_policy(mesh, instance.service_port).value,
                         "mtls_permissive": mesh.mtls_permissive,
                         "protocol": instance.service_port.protocol.value,
                     }
