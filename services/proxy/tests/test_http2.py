@@ -23,6 +23,7 @@ from istio.http2 import (
     ConnectionTerminated,
     ErrorCode,
     H2Connection,
+    HeadersReceived,
     PingAcked,
     SettingsAcked,
 )
@@ -553,3 +554,60 @@ async def test_frames_queued_in_one_loop_turn_leave_in_one_write() -> None:
     assert len(transport.writes) == 1
     events = server.receive(transport.writes[0])
     assert [e.data for e in events if isinstance(e, PingAcked)] == [b"%08d" % n for n in range(3)]
+
+
+class DrainingServer(asyncio.Protocol):
+    """An HTTP/2 server on the codec. Its first connection answers one request, then sends a
+    graceful GOAWAY excluding every later stream (as a server shutting down or rotating
+    connections does): those streams were never processed. Later connections answer all."""
+
+    connections = 0
+    made: list[DrainingServer] = []
+
+    def __init__(self) -> None:
+        self.h2 = H2Connection(client=False)
+        DrainingServer.connections += 1
+        DrainingServer.made.append(self)
+        self.first = DrainingServer.connections == 1
+        self.answered = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive(data):
+            if not isinstance(event, HeadersReceived) or (self.first and self.answered):
+                continue
+            self.answered += 1
+            self.h2.send_headers(event.stream_id, [(b":status", b"200")])
+            self.h2.send_data(event.stream_id, b"served", end_stream=True)
+            if self.first:
+                self.h2.highest_remote_id = event.stream_id  # later streams: refused
+                self.h2.close()
+        self.transport.write(self.h2.data_to_send())
+
+
+async def test_upstream_goaway_refused_streams_are_retried_on_a_new_connection(
+    mesh: Mesh,
+) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(DrainingServer, "127.0.0.44", 0)
+    port = server.sockets[0].getsockname()[1]
+    DrainingServer.connections = 0
+    cluster = mesh.context.clusters.clusters["nghttpd"]
+    cluster.update(cluster.config, (Endpoint("127.0.0.44", port),))
+    try:
+        # six streams at once on one client connection (nghttp multiplexes its URIs)
+        urls = [f"http://{mesh.target}/{i}" for i in range(6)]
+        code, out, err = await run(need("nghttp"), "-H", ":authority: h2only", *urls)
+        assert code == 0, err
+        assert out == b"served" * 6
+        # the first connection answered one; the five it refused went to a second
+        assert DrainingServer.connections == 2
+    finally:
+        server.close()
+        for protocol in DrainingServer.made:
+            protocol.transport.close()
+        await server.wait_closed()

@@ -847,6 +847,9 @@ class Exchange:
             self._request_headers(action) if http2 else self._request_head(action)
         )
         free_retry = True  # a reused keep-alive connection found dead is retried once, free
+        # Streams an HTTP/2 server refused (REFUSED_STREAM, or beyond its GOAWAY) were never
+        # processed: resent free, on another connection, a few times.
+        refusals_left = 3
         backoff = 0
         while True:
             host = cluster.pick(original)
@@ -875,6 +878,10 @@ class Exchange:
                 reused = upstream.requests > 0
                 self._attach(upstream, host, head)
                 outcome = reason = await self._await_headers(per_try)
+                if outcome == "refused-stream" and refusals_left and self.replayable:
+                    refusals_left -= 1
+                    self._drop_upstream()
+                    continue
                 if outcome == "reset" and reused and free_retry and self.replayable:
                     free_retry = False
                     self._drop_upstream()
