@@ -382,3 +382,86 @@ def test_compiled_from_the_connection_managers_zipkin_tracing() -> None:
     tracing.provider.typed_config.Pack(hcm.HttpConnectionManager())
     with pytest.raises(compile.CompileError, match="unsupported tracer"):
         compile.listener(_listener_with_tracing(tracing))
+
+
+class _Mixers:
+    """Stands in for the proxy's Mixer clients: answers every Check with `code`."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def client(self, address: str) -> _Mixers:
+        return self
+
+    async def check(self, bag: Any, quotas: Any = None) -> Any:
+        from istio.mixerclient.client import CheckAnswer
+
+        return CheckAnswer(self.code, "denied by a rule" if self.code else "")
+
+    def report(self, bag: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("code", [0, 7])
+async def test_the_mixer_check_is_a_child_span_of_the_request(code: int) -> None:
+    from istio.proxy.config import MixerFilter
+
+    spans: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+
+    async def collect(request: web.Request) -> web.Response:
+        spans.extend(json.loads(await request.read()))
+        arrived.set()
+        return web.Response(status=202)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="app")
+
+    collector_app = web.Application()
+    collector_app.router.add_post("/api/v2/spans", collect)
+    app_app = web.Application()
+    app_app.router.add_get("/{tail:.*}", ok)
+    collector, collector_port = await _serve(collector_app, "127.0.0.42")
+    app, app_port = await _serve(app_app, "127.0.0.43")
+    route = Route("all", RouteMatch(PathKind.PREFIX, "/"), RouteAction((("app", 1),), 1))
+    table = RouteTable.build("t", (VirtualHost("reviews", ("*",), (route,)),))
+    in_port = free_port(PROXY_IP)
+    manager = HttpManager("in", routes=table, tracing=TracingConfig(collector_cluster="zipkin"))
+    snapshot = Snapshot(
+        listeners={
+            "in": Listener(
+                "in", PROXY_IP, in_port, True, False, manager, inbound=True,
+                mixer=MixerFilter("mixer:9091", True, {}),
+            )  # fmt: skip
+        },
+        clusters={
+            "app": Cluster("app", ClusterType.STATIC, endpoints=(Endpoint("127.0.0.43", app_port),)),
+            "zipkin": Cluster(
+                "zipkin", ClusterType.STATIC, endpoints=(Endpoint("127.0.0.42", collector_port),)
+            ),
+        },
+    )
+    context = Context(service_name="reviews")
+    context.mixers = _Mixers(code)
+    listeners = ListenerManager(context, PROXY_IP)
+    context.apply(snapshot)
+    await listeners.apply(snapshot)
+    try:
+        caller = f"x-b3-traceid: {TRACE.decode()}\r\nx-b3-spanid: {SPAN.decode()}\r\n"
+        answer = await _request(in_port, caller)
+        assert answer == (b"app" if code == 0 else b"denied by a rule\n")
+        await context.tracer.flush()
+        await asyncio.wait_for(arrived.wait(), 10)
+        server, check = sorted(spans, key=lambda s: s["kind"] == "CLIENT")
+        assert (server["kind"], server["id"]) == ("SERVER", SPAN.decode())
+        assert server["tags"]["http.status_code"] == ("200" if code == 0 else "403")
+        assert check["name"] == "mixer check"
+        assert (check["kind"], check["traceId"]) == ("CLIENT", TRACE.decode())
+        assert check["parentId"] == server["id"]
+        assert check["tags"]["mixer.status_code"] == str(code)
+        assert ("error" in check["tags"]) == bool(code)
+    finally:
+        context.tracer.close()
+        await listeners.close()
+        await app.cleanup()
+        await collector.cleanup()

@@ -47,7 +47,7 @@ from istio.proxy.config import (
     RouteAction,
     VirtualHost,
 )
-from istio.proxy.tracing import B3_HEADERS, Span, propagate, start_span
+from istio.proxy.tracing import B3_HEADERS, Span, child_span, propagate, start_span
 from istio.proxy.upstream import (
     ClusterRuntime,
     ConnectFailure,
@@ -769,6 +769,10 @@ class Exchange:
                 self.request_id = value.decode("latin-1")
         if not self.request_id and manager.generate_request_id:
             self.request_id = request_id()
+        if manager.tracing is not None:  # before Mixer: its Check is a child span, denials traced
+            listener = conn.listener
+            outbound = listener is None or not listener.inbound
+            self.span = start_span(manager.tracing, self.headers, outbound=outbound)
         # The listener's current config, as `manager` reads it: a connection accepted before
         # an LDS update (a QuotaSpec bound since) checks by the new one.
         mixer = None
@@ -776,10 +780,6 @@ class Exchange:
             mixer = (context.snapshot.listeners.get(conn.listener.name) or conn.listener).mixer
         if mixer is not None and not await self._mixer_check(mixer):
             return
-        if manager.tracing is not None:
-            listener = conn.listener
-            outbound = listener is None or not listener.inbound
-            self.span = start_span(manager.tracing, self.headers, outbound=outbound)
         table = manager.routes
         if table is None and manager.rds is not None:
             table = context.snapshot.routes.get(manager.rds)
@@ -1406,7 +1406,11 @@ class Exchange:
         if not mixer.check:
             return True
         quotas = mixer_filter.charged_quotas(mixer, bag) if mixer.quotas else None
+        traced = self.span is not None and self.span.sampled
+        started_us = time.time_ns() // 1000 if traced else 0
         answer = await context.mixers.client(mixer.address).check(bag, quotas)
+        if traced:
+            self._mixer_span(mixer.address, answer.status_code, answer.cached, started_us)
         if answer.ok:
             return True
         self.local_reply(
@@ -1415,6 +1419,24 @@ class Exchange:
             flags="UAEX",
         )
         return False
+
+    def _mixer_span(self, address: str, code: int, cached: bool, started_us: int) -> None:
+        """The Check call as a child of the request's span (cached answers too: they show
+        the call that was saved)."""
+        span, manager = self.span, self.manager
+        if span is None or manager is None or manager.tracing is None:
+            return
+        child = child_span(span, "mixer check", start_us=started_us)
+        child.tags = {
+            "component": "proxy",
+            "peer.service": "istio-mixer",
+            "mixer.address": address,
+            "mixer.status_code": str(code),
+            "mixer.cached": "true" if cached else "false",
+        }
+        if code:
+            child.tags["error"] = "true"
+        self.conn.context.tracer.finish(manager.tracing, child)
 
     def _mixer_report(self) -> None:
         from istio.proxy import mixer as mixer_filter

@@ -127,6 +127,22 @@ def start_span(
     return Span(trace_id, _new_id(), caller_span, kind, False, sampled, debug, start)
 
 
+def child_span(parent: Span, name: str, *, start_us: int) -> Span:
+    """A CLIENT span under `parent` for a call this proxy makes on the request's behalf (its
+    Mixer Check), sampled as the request is."""
+    return Span(
+        parent.trace_id,
+        _new_id(),
+        parent.id,
+        "CLIENT",
+        False,
+        parent.sampled,
+        parent.debug,
+        start_us,
+        name,
+    )
+
+
 def propagate(span: Span, headers: Iterable[Header]) -> list[Header]:
     """`headers` with the B3 headers (and x-ot-span-context) set for this span's callee."""
     out = [(k, v) for k, v in headers if k.lower() not in B3_HEADERS]
