@@ -28,12 +28,27 @@ def test_a_product_page_trace_arrives_whole(mesh: PlatformDriver, zipkin: Collec
     assert reviews_version(page.body) == "v1"
 
     # ingress -> productpage, productpage -> details, productpage -> reviews: each call is a
-    # CLIENT span from the caller's proxy and the callee's SERVER span sharing its id.
+    # CLIENT span from the caller's proxy and the callee's SERVER span sharing its id; each
+    # callee's sidecar also checked the call with Mixer (a `mixer check` span under its own).
     def whole(spans: list[dict[str, Any]]) -> bool:
-        return len(_trace_of(spans, request_id)) >= 6
+        return len(_trace_of(spans, request_id)) >= 9
 
-    trace = _trace_of(zipkin.wait_for(whole), request_id)
-    assert len({s["traceId"] for s in trace}) == 1
+    everything = _trace_of(zipkin.wait_for(whole), request_id)
+    assert len({s["traceId"] for s in everything}) == 1
+    checks = [s for s in everything if s["name"] == "mixer check"]
+    trace = [s for s in everything if s["name"] != "mixer check"]
+    servers_by_service = {
+        s["localEndpoint"]["serviceName"]: s for s in trace if s["kind"] == "SERVER"
+    }
+    assert sorted(c["localEndpoint"]["serviceName"] for c in checks) == [
+        "details",
+        "productpage",
+        "reviews",
+    ]
+    for check in checks:
+        server = servers_by_service[check["localEndpoint"]["serviceName"]]
+        assert check["parentId"] == server["id"]
+        assert check["tags"]["mixer.status_code"] == "0"
     assert Counter((s["localEndpoint"]["serviceName"], s["kind"]) for s in trace) == Counter(
         {
             ("istio-ingress", "CLIENT"): 1,

@@ -430,12 +430,20 @@ async def test_the_mixer_check_is_a_child_span_of_the_request(code: int) -> None
     snapshot = Snapshot(
         listeners={
             "in": Listener(
-                "in", PROXY_IP, in_port, True, False, manager, inbound=True,
+                "in",
+                PROXY_IP,
+                in_port,
+                True,
+                False,
+                manager,
+                inbound=True,
                 mixer=MixerFilter("mixer:9091", True, {}),
-            )  # fmt: skip
+            )
         },
         clusters={
-            "app": Cluster("app", ClusterType.STATIC, endpoints=(Endpoint("127.0.0.43", app_port),)),
+            "app": Cluster(
+                "app", ClusterType.STATIC, endpoints=(Endpoint("127.0.0.43", app_port),)
+            ),
             "zipkin": Cluster(
                 "zipkin", ClusterType.STATIC, endpoints=(Endpoint("127.0.0.42", collector_port),)
             ),
