@@ -181,20 +181,23 @@ def _listener_with(mixer: dict[str, object]) -> object:
 
 def test_pilots_mixer_metadata_compiles_to_the_filter() -> None:
     from istio.proxy import compile
+    from istio.proxy.xds import from_protobuf
 
     found = compile.listener(
-        _listener_with(
-            {
-                "address": "istio-mixer.istio-system:9091",
-                "disable_policy_checks": True,
-                "attributes": {
-                    "destination.service": "reviews.default.svc.cluster.local",
-                    "destination.port": 9080,
-                    "destination.labels": {"version": "v2"},
-                    "destination.user": "",
-                },
-            }
-        )  # type: ignore[arg-type]
+        from_protobuf(
+            _listener_with(
+                {
+                    "address": "istio-mixer.istio-system:9091",
+                    "disable_policy_checks": True,
+                    "attributes": {
+                        "destination.service": "reviews.default.svc.cluster.local",
+                        "destination.port": 9080,
+                        "destination.labels": {"version": "v2"},
+                        "destination.user": "",
+                    },
+                }
+            )
+        )
     )
     assert found.mixer == MixerFilter(
         address="istio-mixer.istio-system:9091",
@@ -205,6 +208,6 @@ def test_pilots_mixer_metadata_compiles_to_the_filter() -> None:
             "destination.labels": {"version": "v2"},
         },
     )
-    assert compile.listener(_listener_with({"address": ""})).mixer is None  # type: ignore[arg-type]
+    assert compile.listener(from_protobuf(_listener_with({"address": ""}))).mixer is None
     with pytest.raises(compile.CompileError, match="mixer address 'mixer' is not host:port"):
-        compile.listener(_listener_with({"address": "mixer"}))  # type: ignore[arg-type]
+        compile.listener(from_protobuf(_listener_with({"address": "mixer"})))

@@ -11,20 +11,15 @@ when the agent applies it (Envoy's warming), so no listener is served without it
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
-from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError, Message
-
-from istio.proxy import compile
+from istio.proxy import compile, envoy
 from istio.proxy.config import ClusterType, HttpManager, Snapshot
+from istio.proxy.wire import DecodeError, Message
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -35,12 +30,40 @@ WILDCARD_TYPES = (CLUSTER, LISTENER)
 # Responses of these types may carry a part of what the proxy subscribed to (the rest stays).
 MERGED_TYPES = frozenset({ENDPOINT, ROUTE})
 
+# Decoded with istio.proxy.wire's schema (istio.proxy.envoy), not protobuf: see wire.py.
 _MESSAGES: dict[str, type[Message]] = {
-    CLUSTER: cluster_pb2.Cluster,
-    ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-    LISTENER: listener_pb2.Listener,
-    ROUTE: route_pb2.RouteConfiguration,
+    CLUSTER: envoy.Cluster,
+    ENDPOINT: envoy.ClusterLoadAssignment,
+    LISTENER: envoy.Listener,
+    ROUTE: envoy.RouteConfiguration,
 }
+# For /config_dump only: protobuf's classes of the same types (loaded on the first dump).
+_PROTOBUF_MODULES = {
+    CLUSTER: ("envoy.config.cluster.v3.cluster_pb2", "Cluster"),
+    ENDPOINT: ("envoy.config.endpoint.v3.endpoint_pb2", "ClusterLoadAssignment"),
+    LISTENER: ("envoy.config.listener.v3.listener_pb2", "Listener"),
+    ROUTE: ("envoy.config.route.v3.route_pb2", "RouteConfiguration"),
+}
+# ... and of what Pilot packs in their Any fields, which json_format must find to print them.
+_PACKED_MODULES = (
+    "envoy.config.trace.v3.zipkin_pb2",
+    "envoy.extensions.filters.http.fault.v3.fault_pb2",
+    "envoy.extensions.filters.http.router.v3.router_pb2",
+    "envoy.extensions.filters.listener.original_dst.v3.original_dst_pb2",
+    "envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2",
+    "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
+    "envoy.extensions.filters.network.mongo_proxy.v3.mongo_proxy_pb2",
+    "envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2",
+    "envoy.extensions.transport_sockets.tls.v3.tls_pb2",
+    "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
+)
+
+
+def from_protobuf(message: Any) -> Message:
+    """A protobuf object of a type the proxy decodes, as the proxy decodes it (through its wire
+    bytes): for tests and tools that build resources with protobuf's classes."""
+    ours = envoy.BY_FULL_NAME[message.DESCRIPTOR.full_name]
+    return ours.decode(message.SerializeToString())
 
 
 def _name(type_url: str, message: Any) -> str:
@@ -65,9 +88,14 @@ class TypeState:
     raw: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
     compiled: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
-    def message(self, type_url: str, name: str) -> Message:
-        """The resource `name` as accepted, decoded again."""
-        return _MESSAGES[type_url].FromString(self.raw[name])
+    def message(self, type_url: str, name: str) -> Any:
+        """The resource `name` as accepted, decoded again with protobuf's full classes (every
+        field, for /config_dump; importing them costs the process several MB, so only a dump
+        does)."""
+        for packed in _PACKED_MODULES:
+            importlib.import_module(packed)
+        module, message = _PROTOBUF_MODULES[type_url]
+        return getattr(importlib.import_module(module), message).FromString(self.raw[name])
 
 
 class XdsState:
@@ -77,8 +105,9 @@ class XdsState:
         self.nacks = 0
         self.last_nack = ""
 
-    def accept(self, type_url: str, version: str, resources: Sequence[any_pb2.Any]) -> str | None:
-        """Compile a response; None when accepted, else the reason to NACK it with."""
+    def accept(self, type_url: str, version: str, resources: Sequence[Any]) -> str | None:
+        """Compile a response; None when accepted, else the reason to NACK it with.
+        `resources` are Any messages (ours or protobuf's: type_url and value are read)."""
         message_type = _MESSAGES.get(type_url)
         if message_type is None:
             return f"unsupported resource type {type_url}"
@@ -88,8 +117,7 @@ class XdsState:
             for packed in resources:
                 if packed.type_url != type_url:
                     return f"resource of type {packed.type_url} in a {type_url} response"
-                message = message_type()
-                packed.Unpack(message)
+                message = message_type.decode(packed.value)
                 name = _name(type_url, message)
                 if name in raw:
                     return f"duplicate {SHORT_NAMES[type_url]} resource {name!r}"
