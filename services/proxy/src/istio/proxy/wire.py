@@ -27,6 +27,7 @@ OPAQUE = 19  # a message field read for presence only: its bytes are kept, not d
 MAP = 20
 
 _VARINT_KINDS = frozenset({INT64, UINT64, INT32, BOOL, UINT32, ENUM, SINT32, SINT64})
+_SIGNED_OR_BOOL = frozenset({BOOL, SINT32, SINT64})  # a one-byte varint is not its value
 _FIXED = {
     DOUBLE: (1, struct.Struct("<d")),
     FLOAT: (5, struct.Struct("<f")),
@@ -114,7 +115,7 @@ class Message:
     @classmethod
     def decode(cls: type[M], data: bytes) -> M:
         message = cls()
-        _merge(cls, memoryview(data), 0, len(data), message._values)
+        _merge(cls, bytes(data), 0, len(data), message._values)
         return message
 
 
@@ -140,7 +141,7 @@ def _default(field: Field) -> Any:
     return _DEFAULTS.get(field.kind, 0)
 
 
-def _varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end:
@@ -155,7 +156,7 @@ def _varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise DecodeError("varint longer than 10 bytes")
 
 
-def _skip(data: memoryview, pos: int, end: int, wire: int) -> int:
+def _skip(data: bytes, pos: int, end: int, wire: int) -> int:
     if wire == 0:
         return _varint(data, pos, end)[1]
     if wire == 1:
@@ -195,7 +196,7 @@ def _scalar(kind: int, raw: int) -> Any:
 
 
 def _value(
-    field_kind: int, target: Any, data: memoryview, pos: int, end: int, wire: int
+    field_kind: int, target: Any, data: bytes, pos: int, end: int, wire: int
 ) -> tuple[Any, int] | None:
     """One value of a (non-map) field at pos; None when the wire type does not fit the field
     (protobuf treats that as an unknown field)."""
@@ -230,7 +231,7 @@ def _value(
     return message, stop
 
 
-def _packed(kind: int, data: memoryview, pos: int, end: int) -> tuple[list[Any], int]:
+def _packed(kind: int, data: bytes, pos: int, end: int) -> tuple[list[Any], int]:
     length, pos = _varint(data, pos, end)
     stop = pos + length
     if stop > end:
@@ -249,7 +250,7 @@ def _packed(kind: int, data: memoryview, pos: int, end: int) -> tuple[list[Any],
     return out, stop
 
 
-def _map_entry(field: Field, data: memoryview, pos: int, end: int) -> tuple[Any, Any, int]:
+def _map_entry(field: Field, data: bytes, pos: int, end: int) -> tuple[Any, Any, int]:
     key_kind, value_kind, value_class = field.target
     length, pos = _varint(data, pos, end)
     stop = pos + length
@@ -277,12 +278,14 @@ def _map_entry(field: Field, data: memoryview, pos: int, end: int) -> tuple[Any,
     return key, value, stop
 
 
-def _merge(
-    cls: type[Message], data: memoryview, pos: int, end: int, values: dict[str, Any]
-) -> None:
+def _merge(cls: type[Message], data: bytes, pos: int, end: int, values: dict[str, Any]) -> None:
     fields = cls.FIELDS
     while pos < end:
-        tag, pos = _varint(data, pos, end)
+        tag = data[pos]
+        if tag < 0x80:  # field numbers up to 15: a one-byte tag
+            pos += 1
+        else:
+            tag, pos = _varint(data, pos, end)
         number, wire = tag >> 3, tag & 7
         if number == 0:
             raise DecodeError(f"field number 0 in {cls.FULL_NAME}")
@@ -291,41 +294,89 @@ def _merge(
             pos = _skip(data, pos, end, wire)
             continue
         name = field.name
-        if field.kind == MAP:
-            if wire != 2:
-                pos = _skip(data, pos, end, wire)
-                continue
-            key, item, pos = _map_entry(field, data, pos, end)
-            values.setdefault(name, {})[key] = item
-            continue
-        if field.repeated and wire == 2 and field.kind not in (STRING, BYTES, MESSAGE, OPAQUE):
-            items, pos = _packed(field.kind, data, pos, end)
-            values.setdefault(name, []).extend(items)
-            continue
-        if field.kind == MESSAGE and not field.repeated and name in values and wire == 2:
-            # A singular message seen again is merged into the first (protobuf's rule).
-            length, start = _varint(data, pos, end)
-            if start + length > end:
+        kind = field.kind
+        item: Any
+        # Fast paths for what xDS is mostly made of: strings, messages, small varints.
+        if wire == 2 and kind in (STRING, MESSAGE):
+            length = data[pos] if pos < end else 0x80
+            if length < 0x80:
+                pos += 1
+            else:
+                length, pos = _varint(data, pos, end)
+            stop = pos + length
+            if stop > end:
                 raise DecodeError("truncated length-delimited field")
-            _merge(field.target, data, start, start + length, values[name]._values)
-            pos = start + length
+            if kind == STRING:
+                try:
+                    item = data[pos:stop].decode()
+                except UnicodeDecodeError:
+                    raise DecodeError("a string field is not valid UTF-8") from None
+            elif not field.repeated and name in values:
+                # A singular message seen again is merged into the first (protobuf's rule).
+                _merge(field.target, data, pos, stop, values[name]._values)
+                pos = stop
+                continue
+            else:
+                item = field.target()
+                _merge(field.target, data, pos, stop, item._values)
+            pos = stop
+        elif wire == 0 and kind in _VARINT_KINDS:
+            raw = data[pos] if pos < end else 0x80
+            if raw < 0x80 and kind not in _SIGNED_OR_BOOL:
+                pos += 1
+                item = raw
+            else:
+                raw, pos = _varint(data, pos, end)
+                item = _scalar(kind, raw)
+        else:
+            pos = _merge_other(cls, field, data, pos, end, values, wire)
             continue
-        decoded = _value(field.kind, field.target, data, pos, end, wire)
-        if decoded is None:
-            pos = _skip(data, pos, end, wire)
-            continue
-        item, pos = decoded
         if field.repeated:
             values.setdefault(name, []).append(item)
             continue
         if field.oneof:
             for member in cls.ONEOFS[field.oneof]:
                 values.pop(member, None)
-        if field.kind == OPAQUE and name in values:
-            item = values[name] + item  # concatenated, as protobuf merges a repeated message
         values[name] = item
     if pos != end:
         raise DecodeError(f"a field of {cls.FULL_NAME} overruns its message")
+
+
+def _merge_other(
+    cls: type[Message],
+    field: Field,
+    data: bytes,
+    pos: int,
+    end: int,
+    values: dict[str, Any],
+    wire: int,
+) -> int:
+    """One field of any other kind (or wire type) at pos, into values; the position after."""
+    name = field.name
+    if field.kind == MAP:
+        if wire != 2:
+            return _skip(data, pos, end, wire)
+        key, item, pos = _map_entry(field, data, pos, end)
+        values.setdefault(name, {})[key] = item
+        return pos
+    if field.repeated and wire == 2 and field.kind not in (STRING, BYTES, MESSAGE, OPAQUE):
+        items, pos = _packed(field.kind, data, pos, end)
+        values.setdefault(name, []).extend(items)
+        return pos
+    decoded = _value(field.kind, field.target, data, pos, end, wire)
+    if decoded is None:  # a wire type that does not fit the field: unknown, as protobuf has it
+        return _skip(data, pos, end, wire)
+    item, pos = decoded
+    if field.repeated:
+        values.setdefault(name, []).append(item)
+        return pos
+    if field.oneof:
+        for member in cls.ONEOFS[field.oneof]:
+            values.pop(member, None)
+    if field.kind == OPAQUE and name in values:
+        item = values[name] + item  # concatenated, as protobuf merges a repeated message
+    values[name] = item
+    return pos
 
 
 def to_python(value: Message) -> Any:
