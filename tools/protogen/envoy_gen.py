@@ -158,7 +158,8 @@ def source() -> str:
             names.setdefault(value.number, value.name)
         lines.append(f"    NAMES = {names!r}\n")
         enums.append("\n".join(lines))
-    exported = sorted([a for a, _ in MESSAGES.values()] + list(ENUMS.values()) + ["BY_FULL_NAME"])
+    # ruff's order for __all__ (RUF022): constants first, then classes
+    exported = ["BY_FULL_NAME", *sorted([a for a, _ in MESSAGES.values()] + list(ENUMS.values()))]
     by_name = ", ".join(f"{a}.FULL_NAME: {a}" for a, _ in MESSAGES.values())
     defines.append(f"BY_FULL_NAME: dict[str, type[Message]] = {{{by_name}}}\n")
     body = "\n\n".join(classes + enums) + "\n\n" + "\n".join(defines)

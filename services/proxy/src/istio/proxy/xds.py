@@ -11,7 +11,6 @@ when the agent applies it (Envoy's warming), so no listener is served without it
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -37,26 +36,6 @@ _MESSAGES: dict[str, type[Message]] = {
     LISTENER: envoy.Listener,
     ROUTE: envoy.RouteConfiguration,
 }
-# For /config_dump only: protobuf's classes of the same types (loaded on the first dump).
-_PROTOBUF_MODULES = {
-    CLUSTER: ("envoy.config.cluster.v3.cluster_pb2", "Cluster"),
-    ENDPOINT: ("envoy.config.endpoint.v3.endpoint_pb2", "ClusterLoadAssignment"),
-    LISTENER: ("envoy.config.listener.v3.listener_pb2", "Listener"),
-    ROUTE: ("envoy.config.route.v3.route_pb2", "RouteConfiguration"),
-}
-# ... and of what Pilot packs in their Any fields, which json_format must find to print them.
-_PACKED_MODULES = (
-    "envoy.config.trace.v3.zipkin_pb2",
-    "envoy.extensions.filters.http.fault.v3.fault_pb2",
-    "envoy.extensions.filters.http.router.v3.router_pb2",
-    "envoy.extensions.filters.listener.original_dst.v3.original_dst_pb2",
-    "envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2",
-    "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
-    "envoy.extensions.filters.network.mongo_proxy.v3.mongo_proxy_pb2",
-    "envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2",
-    "envoy.extensions.transport_sockets.tls.v3.tls_pb2",
-    "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
-)
 
 
 def from_protobuf(message: Any) -> Message:
@@ -92,10 +71,35 @@ class TypeState:
         """The resource `name` as accepted, decoded again with protobuf's full classes (every
         field, for /config_dump; importing them costs the process several MB, so only a dump
         does)."""
-        for packed in _PACKED_MODULES:
-            importlib.import_module(packed)
-        module, message = _PROTOBUF_MODULES[type_url]
-        return getattr(importlib.import_module(module), message).FromString(self.raw[name])
+        return _protobuf_classes()[type_url].FromString(self.raw[name])
+
+
+def _protobuf_classes() -> dict[str, Any]:
+    """protobuf's classes of the four resource types, with the descriptors of everything Pilot
+    packs in their Any fields (json_format must find them to print them)."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_pb2
+    from envoy.config.trace.v3 import zipkin_pb2  # noqa: F401
+    from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
+    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+    from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
+    from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+        http_connection_manager_pb2,
+    )
+    from envoy.extensions.filters.network.mongo_proxy.v3 import mongo_proxy_pb2  # noqa: F401
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+
+    return {
+        CLUSTER: cluster_pb2.Cluster,
+        ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+        LISTENER: listener_pb2.Listener,
+        ROUTE: route_pb2.RouteConfiguration,
+    }
 
 
 class XdsState:
