@@ -12,6 +12,8 @@ from typing import Any
 
 from envoy_subset import ENCODED, ENUMS, MESSAGES, MODULES  # type: ignore[import-not-found]
 
+from istio.proxy.wire import Message
+
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUT = ROOT / "services" / "proxy" / "src" / "istio" / "proxy" / "envoy.py"
 RUFF = Path(sys.executable).parent / "ruff"
@@ -114,6 +116,8 @@ def _message_fields(descriptor: Any, spec: str) -> list[tuple[Any, bool]]:
             raise SpecError(f"{descriptor.full_name} has no field {name!r}")
         wanted[name] = word.endswith("?")
     for name in list(wanted):
+        if hasattr(Message, name):
+            raise SpecError(f"{descriptor.full_name}.{name} would hide wire.Message.{name}")
         oneof = descriptor.fields_by_name[name].containing_oneof
         for member in oneof.fields if oneof is not None else ():
             wanted.setdefault(member.name, True)  # WhichOneof names whatever Pilot sent
