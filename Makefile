@@ -94,11 +94,12 @@ clean:
 
 # Benchmarks, not part of `make test`: Pilot with 1,000 services and 200 ADS clients on
 # loopback (tools/bench/pilot_bench.py; BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 20"),
-# and the proxy against haproxy with wrk (tools/bench/proxy_bench.py; PROXY_BENCH_ARGS).
+# the proxy against haproxy with wrk (tools/bench/proxy_bench.py; PROXY_BENCH_ARGS), and
+# HTTP/2 and gRPC through the proxy with h2load and grpcio (tools/bench/h2_bench.py; H2_BENCH_ARGS).
 # What is measured and the figures: docs/benchmarks.md.
-# The proxy benchmarks need wrk, haproxy and iperf3 (installed here when run as root).
-.PHONY: bench bench-pilot bench-proxy bench-tcp
-bench: bench-pilot bench-proxy bench-tcp
+# The proxy benchmarks need wrk, haproxy, iperf3 and h2load (installed here when run as root).
+.PHONY: bench bench-pilot bench-proxy bench-tcp bench-h2
+bench: bench-pilot bench-proxy bench-tcp bench-h2
 
 bench-pilot: venv
 	$(PY) tools/bench/pilot_bench.py $(BENCH_ARGS)
@@ -114,3 +115,9 @@ bench-tcp: venv
 		[ "$$(id -u)" = 0 ] || { echo "bench: $$tool is missing: run as root or apt-get install $$tool" >&2; exit 1; }; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$tool >/dev/null; }; done
 	$(PY) tools/bench/tcp_bench.py $(TCP_BENCH_ARGS)
+
+bench-h2: venv
+	@for tool in h2load:nghttp2-client haproxy:haproxy; do command -v $${tool%%:*} >/dev/null || { \
+		[ "$$(id -u)" = 0 ] || { echo "bench: $${tool%%:*} is missing: run as root or apt-get install $${tool#*:}" >&2; exit 1; }; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $${tool#*:} >/dev/null; }; done
+	$(PY) tools/bench/h2_bench.py $(H2_BENCH_ARGS)

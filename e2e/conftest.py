@@ -1,11 +1,13 @@
 """The e2e session: one platform with Bookinfo for every scenario, rules removed after each.
 
-The platform is the local one (a fresh MESH_DIR under pytest's tmp, on 127.0.1.0/24 so a mesh
-the user runs with `make up` is never disturbed); docker and kind drivers will plug in here.
+The platform is the local one (a fresh MESH_DIR under pytest's tmp, on 127.0.1.0/24, or
+$E2E_NETWORK, so a mesh the user runs with `make up` is never disturbed); docker and kind
+drivers will plug in here.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +18,8 @@ from istio.platform.driver import percentile
 from istio.platform.local.driver import LocalDriver
 from istio.testing import zipkin as zipkin_collector
 
-NETWORK = "127.0.1"
+# E2E_NETWORK picks another /24 of 127/8, so that two runs on one machine do not collide.
+NETWORK = os.environ.get("E2E_NETWORK", "127.0.1")
 # External hosts the egress scenario serves on loopback; the platform maps them in its hosts file.
 EXTERNAL = {"allowed.e2e.test": f"{NETWORK}.200", "blocked.e2e.test": f"{NETWORK}.201"}
 EXTERNAL_PORT = 18080
@@ -90,6 +93,12 @@ def external() -> Iterator[dict[str, list[str]]]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Scenarios that leave the shared mesh changed for good (`breaks_mesh`: a killed
+    workload) run after all the others, whatever module they are in (sort is stable)."""
+    items.sort(key=lambda item: item.get_closest_marker("breaks_mesh") is not None)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -435,7 +435,11 @@ def machine() -> dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
     haproxy = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout
-    wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    wrk_v = (
+        subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+        if shutil.which("wrk")  # h2_bench.py shares this and needs no wrk
+        else subprocess.CompletedProcess([], 0, "", "")
+    )
     return {
         "nproc": str(os.cpu_count()),
         "cpu": model,

@@ -75,7 +75,12 @@ def generate(out: Path) -> None:
 
 def differences(a: Path, b: Path) -> list[str]:
     def files(root: Path) -> set[str]:
-        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+        # Bytecode caches (an import, or compileall before measuring) are not output.
+        return {
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
 
     left, right = files(a), files(b)
     stale = sorted(left ^ right)

@@ -103,7 +103,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "FilterChain",
         "filter_chain_match transport_socket filters metadata",
     ),
-    "envoy.config.listener.v3.FilterChainMatch": ("FilterChainMatch", "transport_protocol *?"),
+    "envoy.config.listener.v3.FilterChainMatch": (
+        "FilterChainMatch",
+        "transport_protocol server_names *?",
+    ),
     "envoy.config.listener.v3.Filter": ("Filter", "name typed_config"),
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager": (
         "HttpConnectionManager",

@@ -92,3 +92,13 @@ def test_circuit_breaker_bounds() -> None:
         "spec.circuitBreaker.simpleCb.sleepWindow: must be at least 1ms",
         "spec.circuitBreaker.simpleCb.httpMaxEjectionPercent: percent must be in [0, 100], got 120",
     ]
+
+
+def test_an_ingress_rules_tls_secret_is_a_secret_name() -> None:
+    spec = {"destination": {"name": "productpage"}, "destinationPort": 9080}
+    assert fields_of("IngressRule", {**spec, "tlsSecret": "bookinfo-certs"}) == []
+    # The ingress proxy reads <certs dir>/<secret>/tls.crt: no name may reach elsewhere.
+    assert fields_of("IngressRule", {**spec, "tlsSecret": "../etc"}) == [
+        "spec.tlsSecret: secret '../etc' is not a valid name: use lowercase letters, digits, "
+        "'-' and '.', starting and ending with a letter or digit"
+    ]

@@ -17,9 +17,12 @@ from istio.mixerclient.attributes import (
     WordTable,
     changed,
     decode,
+    decode_plain,
     decode_report,
     encode,
     encode_into,
+    encode_plain,
+    read_plain,
 )
 
 _WORDS = st.one_of(st.sampled_from(GLOBAL_WORDS[:40]), st.text(max_size=8))
@@ -95,3 +98,34 @@ def test_malformed_messages_are_refused() -> None:
     request.global_word_count = 10
     with pytest.raises(DecodeError, match="record 1: "):
         decode_report(request)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_BAGS)
+def test_any_bag_survives_the_plain_form(bag: dict[str, object]) -> None:
+    assert read_plain(encode_plain(bag).SerializeToString()) == bag  # type: ignore[arg-type]
+
+
+def test_the_plain_form_says_each_type_by_its_field() -> None:
+    message = encode_plain(
+        {
+            "source.uid": "kubernetes://reviews-v1.default",
+            "source.ip": b"\x7f\x00\x00\x05",
+            "source.port": 9080,
+            "source.labels": {"app": "reviews"},
+        }
+    )
+    fields = {name: slot.WhichOneof("value") for name, slot in message.attributes.items()}
+    assert fields == {
+        "source.uid": "string_value",
+        "source.ip": "bytes_value",
+        "source.port": "int64_value",
+        "source.labels": "string_map_value",
+    }
+    empty = attributes_pb2.Attributes()
+    empty.attributes["source.uid"].SetInParent()  # no value set: left out
+    assert decode_plain(empty) == {}
+    with pytest.raises(DecodeError, match=r"not an istio\.mixer\.v1\.Attributes"):
+        read_plain(b"\xff\xff\xff")
+    with pytest.raises(TypeError, match=r"attribute source\.port: cannot send a list"):
+        encode_plain({"source.port": [1]})  # type: ignore[dict-item]

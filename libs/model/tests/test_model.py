@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from istio.model import Labels, NodeType, Protocol, Proxy
+from istio.model import AuthPolicy, Labels, NodeType, Port, Protocol, Proxy, Service
 from istio.model.service import (
     Direction,
     cluster_name,
@@ -35,6 +35,38 @@ hostnames = st.from_regex(r"[a-z][a-z0-9-]{0,10}(\.[a-z][a-z0-9-]{0,10}){0,4}", 
 )
 def test_protocol_from_port_name(name: str, protocol: Protocol) -> None:
     assert Protocol.from_port_name(name) is protocol
+
+
+@pytest.mark.parametrize(
+    ("text", "policy"),
+    [
+        ("NONE", AuthPolicy.NONE),
+        ("MUTUAL_TLS", AuthPolicy.MUTUAL_TLS),
+        (" mutual_tls ", AuthPolicy.MUTUAL_TLS),
+    ],
+)
+def test_auth_policy_parse(text: str, policy: AuthPolicy) -> None:
+    assert AuthPolicy.parse(text) is policy
+
+
+@pytest.mark.parametrize("text", ["", "TLS", "PERMISSIVE", "INHERIT"])
+def test_auth_policy_parse_refuses_other_values(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a valid AuthPolicy"):
+        AuthPolicy.parse(text)
+
+
+@given(st.sampled_from([None, *AuthPolicy]), st.sampled_from([None, *AuthPolicy]))
+def test_port_auth_policy_is_part_of_equality_and_hash(
+    a: AuthPolicy | None, b: AuthPolicy | None
+) -> None:
+    """A port's policy override is part of the service: changing it changes the Service (a
+    full push), and ports stay usable as keys."""
+    one, two = Port("http", 80, Protocol.HTTP, a), Port("http", 80, Protocol.HTTP, b)
+    assert (one == two) is (a is b)
+    assert (Service("x.ns", (one,)) == Service("x.ns", (two,))) is (a is b)
+    if a is b:
+        assert hash(one) == hash(two)
+    assert Port("http", 80, Protocol.HTTP).auth_policy is None  # inherits the mesh's
 
 
 def test_labels_are_immutable_hashable_and_match() -> None:

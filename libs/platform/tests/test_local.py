@@ -15,6 +15,7 @@ from istio.config import parse_documents
 from istio.platform.driver import percentile, reviews_version
 from istio.platform.local import Layout
 from istio.platform.local.layout import ingress_rules, write_hosts, write_registry
+from istio.platform.local.mesh import mixer_producer, sidecar_argv
 from istio.platform.local.ports import check, holder
 
 
@@ -53,6 +54,20 @@ def test_registry_files_are_valid_service_entries(tmp_path: Path) -> None:
         ("127.0.9.6", "v3", 9080),
     ]
     assert len(configs) == 1
+
+
+def test_mixer_finds_callers_by_their_workloads_address(tmp_path: Path) -> None:
+    """Every proxy's upstream connections leave from its workload's address, and Mixer's
+    kubernetes producer reads the registry those addresses are in."""
+    layout = Layout(tmp_path, "127.0.9")
+    reviews = layout.workloads[4]
+    argv = sidecar_argv(layout, reviews)
+    assert argv[argv.index("--source-address") + 1] == reviews.ip == "127.0.9.6"
+    (handler,), problems = parse_documents(mixer_producer(layout), "producer")
+    assert problems == []
+    assert (handler.meta.kind, handler.meta.namespace) == ("kubernetes", "istio-system")
+    document = yaml.safe_load(mixer_producer(layout))
+    assert document["spec"] == {"registry": f"file:{layout.registry_dir.resolve()}"}
 
 
 def test_ingress_rules_are_valid() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from istio.config import Config, parse_documents
 from istio.model import Labels, Port, Protocol, Resolution, Service, ServiceInstance
-from istio.pilot.mesh import ROUTING_KINDS, MeshSnapshot
+from istio.pilot.mesh import WATCHED_KINDS, MeshSnapshot
 
 SAMPLES = Path(__file__).resolve().parents[3] / "samples" / "bookinfo"
 HTTP = Port("http", 9080, Protocol.HTTP)
@@ -140,7 +140,7 @@ def snapshot(*sample_files: str) -> MeshSnapshot:
                 key=lambda c: (c.meta.namespace, c.meta.name),
             )
         )
-        for kind in ROUTING_KINDS
+        for kind in WATCHED_KINDS
     }
     return MeshSnapshot(
         services=MappingProxyType(SERVICES),

@@ -111,6 +111,16 @@ def test_each_path_becomes_a_rule_more_specific_first() -> None:
     assert {c.meta.kind for c in configs} == {"IngressRule"}
 
 
+def test_a_secret_name_that_is_not_one_is_reported_and_not_served() -> None:
+    bad = json.loads(json.dumps(BOOKINFO))
+    bad["spec"]["tls"] = [{"hosts": ["bookinfo.example.com"], "secretName": "../../etc"}]
+    configs, problems = convert(bad)
+    assert problems == [
+        "Ingress default/bookinfo: tls 0: secret '../../etc' is not a secret's name"
+    ]
+    assert [c.spec.tls_secret for c in configs] == ["", "", ""]  # type: ignore[attr-defined]
+
+
 def test_the_v1beta1_shape_and_02s_regex_looking_prefixes() -> None:
     old = {
         "apiVersion": "extensions/v1beta1",

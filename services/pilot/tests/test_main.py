@@ -51,6 +51,8 @@ def test_every_flag(tmp_path: Path) -> None:
             str(tmp_path / "mesh.yaml"),
             "--domain",
             "cluster.example",
+            "--ingress-certs-dir",
+            "/srv/ingress-certs",
             "--log-level",
             "debug",
         ]
@@ -66,6 +68,7 @@ def test_every_flag(tmp_path: Path) -> None:
     assert (options.grpc_addr, options.http_addr) == ("0.0.0.0:15010", "[::1]:15014")
     assert options.mesh_config == tmp_path / "mesh.yaml"
     assert (options.domain, options.log_level) == ("cluster.example", "debug")
+    assert options.ingress_certs_dir == "/srv/ingress-certs"
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -75,6 +78,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert options.registries == [RegistryFlag("file", "/srv/mesh")]
     assert options.config_store == f"file://{tmp_path / 'mesh' / 'config'}"
     assert (options.grpc_addr, options.http_addr) == ("127.0.0.1:15010", "127.0.0.1:15014")
+    assert options.ingress_certs_dir == "/etc/istio/ingress-certs"
     assert (options.domain, options.log_level, options.mesh_config) == (
         "svc.cluster.local",
         "info",

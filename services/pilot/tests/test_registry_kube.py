@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from istio.kube import KubeClient, Resource, load_cluster_access
-from istio.model import Labels, Protocol
+from istio.model import AuthPolicy, Labels, Protocol
 from istio.pilot.registry import Change, RegistryStatus
 from istio.pilot.registry.kube import KubeRegistry
 from istio.testing.kube import FakeKubeAPI
@@ -292,6 +293,44 @@ async def test_service_port_changes_are_service_changes(running: Running) -> Non
     running.api.delete_object("v1", "Service", "mongodb", "db")
     assert await running.change() is Change.SERVICES
     assert MONGODB not in running.registry.snapshot().services
+
+
+async def test_auth_annotations_override_the_mesh_per_port(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await running.change() is Change.SERVICES
+
+    def annotate(value: str) -> Any:
+        def change(obj: dict[str, Any]) -> None:
+            obj["metadata"].setdefault("annotations", {})["auth.istio.io/9080"] = value
+
+        return change
+
+    await running.replace(SERVICES, "default", "reviews", annotate("NONE"))
+    assert await running.change() is Change.SERVICES  # a full push: clusters and listeners
+    snapshot = running.registry.snapshot()
+    assert snapshot.services[REVIEWS].ports[0].auth_policy is AuthPolicy.NONE
+    assert {i.service_port.auth_policy for i in snapshot.instances[REVIEWS]} == {AuthPolicy.NONE}
+
+    # A bad value: logged once, naming the Service and the annotation; the mesh's policy again.
+    with caplog.at_level(logging.WARNING, logger="istio.pilot.registry.kube.controller"):
+        await running.replace(SERVICES, "default", "reviews", annotate("STRICT"))
+        assert await running.change() is Change.SERVICES
+        assert running.registry.snapshot().services[REVIEWS].ports[0].auth_policy is None
+
+        def ready_v3(obj: dict[str, Any]) -> None:
+            subset = obj["subsets"][0]
+            subset["addresses"].append(subset.pop("notReadyAddresses")[0])
+
+        # Re-converted on an Endpoints change, the Service is not warned about again.
+        await running.replace(ENDPOINTS, "default", "reviews", ready_v3)
+        assert await running.change() is Change.ENDPOINTS
+    warned = [r.getMessage() for r in caplog.records if "auth.istio.io" in r.getMessage()]
+    assert warned == [
+        "kubernetes: Service default/reviews: annotation auth.istio.io/9080: 'STRICT' is not "
+        "NONE or MUTUAL_TLS; the mesh's authPolicy applies to the port"
+    ]
+    assert running.registry.status.healthy
 
 
 async def test_node_locality_changes(running: Running) -> None:

@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
-from istio.model import Labels, Protocol, Resolution
+from istio.model import AuthPolicy, Labels, Protocol, Resolution
 from istio.pilot.registry.kube.conversion import (
     PodIndex,
     PodInfo,
+    auth_annotation_problems,
     convert_service,
     endpoint_ips,
     node_locality,
@@ -207,6 +208,51 @@ def test_service_accounts_from_annotations() -> None:
         "spiffe://cluster.local/ns/default/sa/b",
         "spiffe://example.com/legacy",
     )
+
+
+def test_auth_policy_per_port_from_annotations() -> None:
+    svc = service(
+        ports=[
+            {"name": "http", "port": 9080},
+            {"name": "http-admin", "port": 8080},
+            {"name": "tcp", "port": 3306},
+        ]
+    )
+    svc["metadata"]["annotations"] = {
+        "auth.istio.io/8080": "NONE",
+        "auth.istio.io/3306": "mutual_tls",  # any case, as MeshConfig's parser takes it
+        "auth.istio.io/7777": "NONE",  # no such port
+    }
+    ready = {"addresses": [address("10.1.0.4")], "ports": [{"name": "http-admin", "port": 18080}]}
+    converted, instances = convert_service(svc, endpoints(ready), PodIndex(), {})
+    assert [(p.port, p.auth_policy) for p in converted.ports] == [
+        (9080, None),  # the mesh's policy
+        (8080, AuthPolicy.NONE),
+        (3306, AuthPolicy.MUTUAL_TLS),
+    ]
+    # Instances carry the service port with its policy: the server sidecar's inbound side.
+    assert [i.service_port.auth_policy for i in instances] == [AuthPolicy.NONE]
+    assert auth_annotation_problems(svc) == (
+        "Service default/reviews: annotation auth.istio.io/7777: '7777' is not a port of the "
+        "service (3306, 8080, 9080); ignored",
+    )
+
+
+def test_bad_auth_annotations_are_reported_and_ignored() -> None:
+    svc = service()
+    svc["metadata"]["annotations"] = {
+        "auth.istio.io/9080": "TLS",
+        "auth.istio.io/http": "NONE",
+        "auth.istio.io/": "NONE",
+    }
+    converted, _ = convert_service(svc, None, PodIndex(), {})
+    assert converted == convert_service(service(), None, PodIndex(), {})[0]
+    problems = auth_annotation_problems(svc)
+    assert len(problems) == 3
+    assert all(p.startswith("Service default/reviews: annotation auth.istio.io/") for p in problems)
+    assert "auth.istio.io/9080: 'TLS' is not NONE or MUTUAL_TLS" in " ".join(problems)
+    assert "auth.istio.io/http: 'http' is not a port of the service" in " ".join(problems)
+    assert auth_annotation_problems(service()) == ()
 
 
 def test_pod_info() -> None:

@@ -4,6 +4,7 @@ filesystem notifications, reported as Changes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -12,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from istio.model import AuthPolicy
 from istio.pilot.registry import Change
 from istio.pilot.registry.serviceentry import ServiceEntryRegistry
 
 REVIEWS = "reviews.default.svc.cluster.local"
 
 
-def reviews(*addresses: str, port: int = 9080) -> str:
+def reviews(*addresses: str, port: int = 9080, auth: str = "") -> str:
     endpoints = "\n".join(
         f"""  - address: {address}
     labels: {{app: reviews, version: v{index}}}
@@ -30,7 +32,7 @@ def reviews(*addresses: str, port: int = 9080) -> str:
 apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
 metadata:
-  name: reviews
+  name: reviews{f"{chr(10)}  annotations: {{auth.istio.io/{port}: {auth}}}" if auth else ""}
 spec:
   hosts: [{REVIEWS}]
   location: MESH_INTERNAL
@@ -188,6 +190,35 @@ async def test_conflicting_hosts_are_reported(running: Running) -> None:
     status = await running.registry.wait_status(lambda s: "reviews-other" in s.last_error)
     assert f"host {REVIEWS} is defined differently by default/reviews" in status.last_error
     assert running.registry.snapshot().services[REVIEWS].ports[0].port == 9080
+
+
+async def test_auth_annotations_are_service_changes(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await running.change() is Change.SERVICES
+    write(running.directory / "reviews.yaml", reviews("127.0.0.4", "127.0.0.5", auth="NONE"))
+    assert await running.change() is Change.SERVICES
+    snapshot = running.registry.snapshot()
+    assert snapshot.services[REVIEWS].ports[0].auth_policy is AuthPolicy.NONE
+    assert {i.service_port.auth_policy for i in snapshot.instances[REVIEWS]} == {AuthPolicy.NONE}
+    # A bad value: ignored (the mesh's policy), logged once and shown in the status.
+    with caplog.at_level(logging.WARNING, logger="istio.pilot.registry.serviceentry.controller"):
+        write(running.directory / "reviews.yaml", reviews("127.0.0.4", auth="SOMETIMES"))
+        assert await running.change() is Change.SERVICES
+        # Re-read with other endpoints, the same annotation is not warned about again.
+        write(
+            running.directory / "reviews.yaml",
+            reviews("127.0.0.4", "127.0.0.6", auth="SOMETIMES"),
+        )
+        assert await running.change() is Change.ENDPOINTS
+    assert running.registry.snapshot().services[REVIEWS].ports[0].auth_policy is None
+    problem = (
+        "ServiceEntry default/reviews: annotation auth.istio.io/9080: 'SOMETIMES' is not NONE "
+        "or MUTUAL_TLS; the mesh's authPolicy applies to the port"
+    )
+    warned = [r.getMessage() for r in caplog.records if "auth.istio.io" in r.getMessage()]
+    assert warned == [f"files:{running.directory}: {problem}"]
+    assert running.registry.status.last_error == problem
 
 
 async def test_a_missing_directory_is_created(tmp_path: Path) -> None:

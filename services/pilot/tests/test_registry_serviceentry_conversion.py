@@ -8,16 +8,24 @@ from typing import Any
 import pytest
 
 from istio.config import Config, parse_object
-from istio.model import Labels, Port, Protocol, Resolution, spiffe_identity
+from istio.model import AuthPolicy, Labels, Port, Protocol, Resolution, spiffe_identity
 from istio.pilot.registry.serviceentry.conversion import build_snapshot, convert_entry
 
 
-def entry(name: str, spec: Mapping[str, Any], namespace: str = "default") -> Config:
+def entry(
+    name: str,
+    spec: Mapping[str, Any],
+    namespace: str = "default",
+    annotations: Mapping[str, str] | None = None,
+) -> Config:
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
     return parse_object(
         {
             "apiVersion": "networking.istio.io/v1alpha3",
             "kind": "ServiceEntry",
-            "metadata": {"name": name, "namespace": namespace},
+            "metadata": metadata,
             "spec": dict(spec),
         }
     )
@@ -155,3 +163,44 @@ def test_the_snapshot_is_deterministic() -> None:
         "x.apps",
         "reviews.default.svc.cluster.local",
     ]
+
+
+def test_auth_annotations_set_each_hosts_port_policy() -> None:
+    spec = {**REVIEWS, "hosts": [*REVIEWS["hosts"], "reviews.internal"]}
+    annotations = {"auth.istio.io/9443": "NONE", "auth.istio.io/9080": "MUTUAL_TLS"}
+    conversion = build_snapshot([entry("reviews", spec, annotations=annotations)])
+    assert conversion.annotation_problems == ()
+    for host in spec["hosts"]:
+        service = conversion.snapshot.services[host]
+        assert [(p.name, p.auth_policy) for p in service.ports] == [
+            ("http", AuthPolicy.MUTUAL_TLS),
+            ("grpc-admin", AuthPolicy.NONE),
+        ]
+        found = conversion.snapshot.instances[host]
+        assert all(i.service_port in service.ports for i in found)
+        assert {i.service_port.auth_policy for i in found} == {
+            AuthPolicy.MUTUAL_TLS,
+            AuthPolicy.NONE,
+        }
+
+
+def test_bad_auth_annotations_are_reported_and_ignored() -> None:
+    annotations = {"auth.istio.io/9080": "PERMISSIVE", "auth.istio.io/7000": "NONE"}
+    conversion = build_snapshot([entry("reviews", REVIEWS, annotations=annotations)])
+    assert conversion.snapshot == build_snapshot([entry("reviews", REVIEWS)]).snapshot
+    assert conversion.annotation_problems == (
+        "ServiceEntry default/reviews: annotation auth.istio.io/7000: '7000' is not a port of "
+        "the service (9080, 9443); ignored",
+        "ServiceEntry default/reviews: annotation auth.istio.io/9080: 'PERMISSIVE' is not NONE "
+        "or MUTUAL_TLS; the mesh's authPolicy applies to the port",
+    )
+
+
+def test_entries_for_one_host_must_agree_on_auth_annotations() -> None:
+    vm1 = entry("vm-1", REVIEWS, annotations={"auth.istio.io/9080": "NONE"})
+    vm2 = entry("vm-2", REVIEWS)
+    conversion = build_snapshot([vm1, vm2])
+    service = conversion.snapshot.services["reviews.default.svc.cluster.local"]
+    assert service.ports[0].auth_policy is AuthPolicy.NONE
+    assert len(conversion.clashes) == 1
+    assert conversion.clashes[0].startswith("ServiceEntry default/vm-2: host reviews")

@@ -134,3 +134,66 @@ def test_endpoint_change_carries_over_all_but_the_changed_hosts(
     assert all(
         again.of(resources.ENDPOINT)[n] is not new_eds[n] for n in again.of(resources.ENDPOINT)
     )
+
+
+RATINGS_V1 = "sidecar~127.0.0.7~ratings-v1.default~default.svc.cluster.local"
+QUOTA_BINDING = """
+apiVersion: config.istio.io/v1alpha2
+kind: QuotaSpec
+metadata: {name: request-count, namespace: istio-system}
+spec:
+  rules:
+  - quotas: [{charge: 1, quota: requestcount}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: QuotaSpec
+metadata: {name: unbound, namespace: istio-system}
+spec:
+  rules:
+  - quotas: [{charge: 5, quota: other}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: QuotaSpecBinding
+metadata: {name: request-count, namespace: istio-system}
+spec:
+  quotaSpecs: [{name: request-count, namespace: istio-system}, {name: missing}]
+  services:
+  - {name: ratings, namespace: default}
+  - {name: reviews, namespace: default, labels: {version: v3}}
+"""
+
+
+def inbound_mixer(node: str, snapshot: MeshSnapshot) -> dict[str, object]:
+    """The `istio.mixer` metadata of `node`'s inbound listener on 9080."""
+    from google.protobuf import json_format
+
+    proxy = Proxy.parse(node)
+    listener = generate(snapshot, proxy).of(resources.LISTENER)[f"{proxy.ip}_9080"]
+    istio = listener.metadata.filter_metadata["istio"]  # type: ignore[attr-defined]
+    mixer: dict[str, object] = json_format.MessageToDict(istio)["mixer"]
+    return mixer
+
+
+def test_quota_specs_reach_the_inbound_listeners_they_bind(
+    bookinfo: Callable[..., MeshSnapshot],
+) -> None:
+    before = bookinfo()
+    assert "quota_specs" not in inbound_mixer(RATINGS_V1, before)
+    quotas, problems = parse_documents(QUOTA_BINDING)
+    assert not problems, problems
+    configs = dict(before.configs)
+    for kind in ("QuotaSpec", "QuotaSpecBinding"):
+        configs[kind] = tuple(c for c in quotas if c.meta.kind == kind)
+    after = dataclasses.replace(before, configs=configs)
+    # The new binding is seen although only configs changed (inbound outputs are carried
+    # across routing changes, never across quota changes).
+    ratings = inbound_mixer(RATINGS_V1, after)
+    charge_one = {"rules": [{"quotas": [{"quota": "requestcount", "charge": "1"}]}]}
+    assert ratings["quota_specs"] == [charge_one]  # the missing spec binds nothing
+    reviews_v3 = "sidecar~127.0.0.6~reviews-v3.default~default.svc.cluster.local"
+    assert inbound_mixer(reviews_v3, after)["quota_specs"] == [charge_one]
+    # A binding's labels select a version: reviews v2 is not charged; nor is productpage.
+    assert "quota_specs" not in inbound_mixer(REVIEWS_V2, after)
+    assert "quota_specs" not in inbound_mixer(PRODUCTPAGE, after)
+    # And removing the binding takes the quotas away again.
+    assert "quota_specs" not in inbound_mixer(RATINGS_V1, dataclasses.replace(before))

@@ -1,5 +1,6 @@
 """TCP ports' filter chains: mongo_proxy before tcp_proxy on MONGO ports, the REDIS marker in
-the chain's metadata, and the idle timeout from a DestinationPolicy's annotation."""
+the chain's metadata, the idle timeout from a DestinationPolicy's annotation, and the Mixer
+metadata inbound TCP listeners carry."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from types import MappingProxyType
 
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import json_format
 
 from istio.config import parse_documents
 from istio.model import Labels, Port, Protocol, Proxy, Service, ServiceInstance
@@ -89,3 +91,37 @@ def test_idle_timeout_from_the_destination_policy(bookinfo: Callable[..., MeshSn
     off = tcp_proxy(tcp_listener(with_redis(bookinfo(), POLICIES.replace("1m30s", "0s")), MONGO))
     assert off.HasField("idle_timeout")
     assert off.idle_timeout.seconds == 0  # Envoy: 0 turns the idle timeout off
+
+
+def test_inbound_tcp_listeners_carry_mixer_and_sidecars_forward_attributes(
+    bookinfo: Callable[..., MeshSnapshot],
+) -> None:
+    """With Mixer in the mesh, an inbound TCP listener has the same `istio.mixer` metadata as
+    an HTTP one (the proxy's TCP Mixer filter reads it), and the capture listener tells the
+    sidecar to forward its source attributes; without Mixer, neither says Mixer is there."""
+    plain = with_redis(bookinfo())
+    mesh = type(plain.mesh)()
+    mesh.CopyFrom(plain.mesh)
+    mesh.mixer_address = "istio-mixer.istio-system:9091"
+    snapshot = dataclasses.replace(plain, mesh=mesh)
+    redis_proxy = Proxy.parse("sidecar~127.0.0.20~redis-1.default~default.svc.cluster.local")
+    found = generate(snapshot, redis_proxy).of(resources.LISTENER)
+    istio = json_format.MessageToDict(found["127.0.0.20_6379"].metadata.filter_metadata["istio"])
+    assert istio["protocol"] == "REDIS"
+    assert istio["mixer"] == {
+        "address": "istio-mixer.istio-system:9091",
+        "disable_policy_checks": False,
+        "attributes": {
+            "destination.service": REDIS_HOST,
+            "destination.ip": "127.0.0.20",
+            "destination.uid": "kubernetes://redis-1.default",
+            "destination.port": 6379.0,
+            "destination.labels": {"app": "redis"},
+            "destination.user": "",
+            "destination.namespace": "default",
+        },
+    }
+    virtual = found["virtualOutbound"].metadata.filter_metadata["istio"]
+    assert dict(virtual) == {"mixer_forward_attributes": True}
+    without = generate(plain, redis_proxy).of(resources.LISTENER)
+    assert not without["virtualOutbound"].HasField("metadata")

@@ -2,7 +2,9 @@
 MeshConfig of authPolicy MUTUAL_TLS (strict, and with mtlsPermissive), ServiceEntry files for
 two workloads, and a pilot-agent sidecar for each (uvloop, INTERCEPTION_MODE=NONE) reading its
 --cert-dir. Workload a calls b by name through its sidecar; b's app sees a's SPIFFE id; a
-client without a sidecar is refused on b's port when strict and served when permissive."""
+client without a sidecar is refused on b's port when strict and served when permissive. A third
+workload c whose ServiceEntry carries `auth.istio.io/9080` takes the other policy than the
+mesh's, at both ends, while b keeps the mesh's."""
 
 from __future__ import annotations
 
@@ -21,19 +23,19 @@ from aiohttp import web
 from istio.testing.net import free_port
 
 BIN = Path(sys.executable).parent
-IPS = {"a": "127.0.3.10", "b": "127.0.3.11"}
+IPS = {"a": "127.0.3.10", "b": "127.0.3.11", "c": "127.0.3.14"}
 PILOT_IP = "127.0.3.12"
 SERVICE_PORT = 9080
 OUTBOUND_PORT = 15001
 SPIFFE = "spiffe://cluster.local/ns/default/sa/{}"
 
 
-def service_entry(name: str) -> str:
+def service_entry(name: str, annotations: dict[str, str]) -> str:
     return json.dumps(
         {
             "apiVersion": "networking.istio.io/v1alpha3",
             "kind": "ServiceEntry",
-            "metadata": {"name": name, "namespace": "default"},
+            "metadata": {"name": name, "namespace": "default", "annotations": annotations},
             "spec": {
                 "hosts": [f"{name}.default.svc.cluster.local"],
                 "ports": [{"number": SERVICE_PORT, "name": "http", "protocol": "HTTP"}],
@@ -61,14 +63,26 @@ class Mesh:
     admin: dict[str, int] = field(default_factory=dict)
     seen: list[dict[str, str]] = field(default_factory=list)
 
-    async def start(self, mesh_ca: Any, *, permissive: bool) -> None:
+    async def start(
+        self,
+        mesh_ca: Any,
+        *,
+        permissive: bool = False,
+        auth_policy: str = "MUTUAL_TLS",
+        annotations: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        """Pilot, and a sidecar for each workload: a and b, and c when `annotations` (the
+        ServiceEntries' metadata.annotations, by workload) name it."""
+        annotations = annotations or {}
+        names = [name for name in IPS if name != "c" or name in annotations]
         (self.tmp / "registry").mkdir()
         (self.tmp / "config").mkdir()
-        for name in IPS:
-            (self.tmp / "registry" / f"{name}.json").write_text(service_entry(name))
+        for name in names:
+            entry = service_entry(name, annotations.get(name, {}))
+            (self.tmp / "registry" / f"{name}.json").write_text(entry)
         mesh_config = self.tmp / "mesh.yaml"
         mesh_config.write_text(
-            f"authPolicy: MUTUAL_TLS\nmtlsPermissive: {'true' if permissive else 'false'}\n"
+            f"authPolicy: {auth_policy}\nmtlsPermissive: {'true' if permissive else 'false'}\n"
         )
         grpc_port = free_port(PILOT_IP)
         await self.spawn(
@@ -85,7 +99,8 @@ class Mesh:
             "--mesh-config",
             mesh_config,
         )
-        for name, ip in IPS.items():
+        for name in names:
+            ip = IPS[name]
             app_port = free_port(ip)
             await self.app(ip, app_port)
             certs = mesh_ca.write(self.tmp / "certs" / name, SPIFFE.format(name))
@@ -218,3 +233,41 @@ async def test_sidecars_speak_mtls_from_pilots_mesh_config(
         assert f"ssl.listener.{IPS['b']}_{SERVICE_PORT}.plaintext_refused: " in (
             await mesh.stats("b")
         )
+
+
+@pytest.mark.parametrize(
+    ("mesh_policy", "annotated"),
+    [("MUTUAL_TLS", "NONE"), ("NONE", "MUTUAL_TLS")],
+    ids=["mesh-mtls-c-none", "mesh-none-c-mtls"],
+)
+async def test_a_service_annotation_overrides_the_mesh_policy(
+    mesh: Mesh, mesh_ca: Any, mesh_policy: str, annotated: str
+) -> None:
+    await mesh.start(
+        mesh_ca,
+        auth_policy=mesh_policy,
+        annotations={"c": {f"auth.istio.io/{SERVICE_PORT}": annotated}},
+    )
+    over_mtls = {"b": mesh_policy == "MUTUAL_TLS", "c": annotated == "MUTUAL_TLS"}
+    for name, mtls in over_mtls.items():
+        # a's app calls the service through a's sidecar.
+        status, body = await get(
+            f"http://{IPS['a']}:{OUTBOUND_PORT}/{name}", Host=f"{name}:{SERVICE_PORT}"
+        )
+        assert status == 200, (name, body)
+        xfcc = json.loads(body).get("x-forwarded-client-cert", "")
+        assert xfcc.endswith(f";URI={SPIFFE.format('a')}") if mtls else xfcc == "", (name, xfcc)
+        handshake = f"ssl.cluster.outbound|9080||{name}.default.svc.cluster.local.handshake: 1"
+        assert (handshake in await mesh.stats("a")) is mtls, name
+        listener = f"ssl.listener.{IPS[name]}_{SERVICE_PORT}.handshake: 1"
+        assert (listener in await mesh.stats(name)) is mtls, name
+        # A client without a sidecar, straight to the service's port: served in plaintext
+        # only where the port's policy is NONE.
+        mesh.seen.clear()
+        status, body = await get(f"http://{IPS[name]}:{SERVICE_PORT}/direct")
+        if mtls:
+            assert status == 0, (name, body)
+            assert mesh.seen == []
+        else:
+            assert status == 200, (name, body)
+            assert "x-forwarded-client-cert" not in json.loads(body)

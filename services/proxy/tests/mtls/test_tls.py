@@ -168,6 +168,7 @@ class Pair:
         *,
         permissive: bool = False,
         upstream: UpstreamTls | None = None,
+        http2: bool = False,
     ) -> None:
         ports = self.ports
         for name, ip in (("b_http", B_IP), ("b_tcp", B_IP), ("a_http", A_IP), ("a_tcp", A_IP)):
@@ -230,6 +231,7 @@ class Pair:
                         ClusterType.STATIC,
                         endpoints=(Endpoint(B_IP, ports["b_http"]),),
                         mtls=mtls,
+                        http2=http2,
                     ),
                     "b_tcp": Cluster(
                         "b_tcp",
@@ -351,6 +353,24 @@ async def test_http_between_sidecars_carries_the_callers_identity(pair: Pair) ->
             "connection.mtls": True,
         }
         assert connection.peer_identity.alpn == "http/1.1"
+    assert pair.b.ssl(pair.inbound_http) == {"handshake": 1}
+    assert pair.a.ssl("cluster.b") == {"handshake": 1}
+
+
+async def test_http2_between_sidecars_over_mtls_by_alpn(pair: Pair) -> None:
+    """An http2 cluster to another sidecar: h2 chosen by ALPN inside mutual TLS, every request
+    a stream on one connection, B translating to its HTTP/1.1 app; the identity still flows."""
+    await pair.start(http2=True)
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(pair.get(session, f"/{i}") for i in range(20)))
+        assert [status for status, _ in results] == [200] * 20
+        seen = results[0][1]
+        assert seen["x-forwarded-client-cert"].endswith(f"URI={A_ID}")
+    [connection] = pair.b.connections("in_http")
+    assert type(connection).__name__ == "H2Downstream"
+    assert connection.peer_identity is not None
+    assert connection.peer_identity.alpn == "h2"
+    assert connection.peer_identity.spiffe_id == A_ID
     assert pair.b.ssl(pair.inbound_http) == {"handshake": 1}
     assert pair.a.ssl("cluster.b") == {"handshake": 1}
 

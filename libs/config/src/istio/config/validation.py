@@ -370,6 +370,11 @@ def validate_ingress_rule(spec: Message) -> list[Problem]:
     problems = []
     if not 0 <= rule.port <= 65535:
         problems.append(Problem(f"port must be in [0, 65535], got {rule.port}", "port"))
+    if rule.tls_secret:
+        # The ingress proxy reads the secret's files from a directory of this name.
+        reason = validate_object_name(rule.tls_secret)
+        if reason:
+            problems.append(Problem(f"secret {reason}", "tlsSecret"))
     if not rule.HasField("destination"):
         problems.append(Problem("destination is required", "destination"))
     else:

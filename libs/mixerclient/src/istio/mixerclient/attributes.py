@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf.message import DecodeError as _ProtobufDecodeError
+
 from istio.api.mixer.v1 import attributes_pb2, check_pb2, report_pb2
 from istio.expr import Value
 
@@ -465,3 +467,60 @@ def referenced_words(
         key = word(match.map_key) if match.map_key < 0 else None
         found.append((word(match.name), match.condition, key))
     return found
+
+
+def encode_plain(bag: Mapping[str, Value]) -> attributes_pb2.Attributes:
+    """`bag` in plain form (istio.mixer.v1.Attributes): what one sidecar tells another in the
+    x-istio-attributes header, where no dictionary is shared."""
+    message = attributes_pb2.Attributes()
+    for name, value in bag.items():
+        slot = message.attributes[name]
+        if isinstance(value, str):
+            slot.string_value = value
+        elif isinstance(value, bool):
+            slot.bool_value = value
+        elif isinstance(value, int):
+            slot.int64_value = value
+        elif isinstance(value, float):
+            slot.double_value = value
+        elif isinstance(value, bytes):
+            slot.bytes_value = value
+        elif isinstance(value, datetime):
+            delta = value - _EPOCH
+            slot.timestamp_value.seconds = delta.days * 86400 + delta.seconds
+            slot.timestamp_value.nanos = delta.microseconds * 1000
+        elif isinstance(value, timedelta):
+            slot.duration_value.FromTimedelta(value)
+        elif isinstance(value, Mapping):
+            slot.string_map_value.SetInParent()  # an empty map is still a map
+            slot.string_map_value.entries.update(value)
+        else:
+            raise TypeError(f"attribute {name}: cannot send a {type(value).__name__}")
+    return message
+
+
+def read_plain(data: bytes) -> dict[str, Value]:
+    """The bag a serialized plain-form message holds; DecodeError when it is not one."""
+    try:
+        message = attributes_pb2.Attributes.FromString(data)
+    except _ProtobufDecodeError as error:
+        raise DecodeError(f"not an istio.mixer.v1.Attributes: {error}") from None
+    return decode_plain(message)
+
+
+def decode_plain(message: attributes_pb2.Attributes) -> dict[str, Value]:
+    """The bag a plain-form message holds; attributes without a value are left out."""
+    bag: dict[str, Value] = {}
+    for name, slot in message.attributes.items():
+        kind = slot.WhichOneof("value")
+        if kind is None:
+            continue
+        if kind == "timestamp_value":
+            bag[name] = timestamp_value(slot.timestamp_value)
+        elif kind == "duration_value":
+            bag[name] = duration_value(slot.duration_value)
+        elif kind == "string_map_value":
+            bag[name] = dict(slot.string_map_value.entries)
+        else:
+            bag[name] = getattr(slot, kind)
+    return bag

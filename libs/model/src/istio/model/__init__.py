@@ -8,6 +8,7 @@ round-trip.
 from istio.model.identity import spiffe_identity
 from istio.model.proxy import NodeType, Proxy
 from istio.model.service import (
+    AuthPolicy,
     Labels,
     Port,
     Protocol,
@@ -17,6 +18,7 @@ from istio.model.service import (
 )
 
 __all__ = [
+    "AuthPolicy",
     "Labels",
     "NodeType",
     "Port",

@@ -47,11 +47,30 @@ class Protocol(enum.Enum):
         return cls(text.upper())
 
 
+class AuthPolicy(enum.Enum):
+    """How sidecars talk to each other on a port: plaintext, or mutual TLS with the mesh's
+    certificates (MeshConfig.AuthPolicy's values)."""
+
+    NONE = "NONE"
+    MUTUAL_TLS = "MUTUAL_TLS"
+
+    @classmethod
+    def parse(cls, text: str) -> AuthPolicy:
+        """A policy written by a user (a service annotation), in any case; ValueError for
+        anything else."""
+        return cls(text.strip().upper())
+
+
 @dataclass(frozen=True, slots=True)
 class Port:
+    """A service port. `auth_policy` overrides the mesh's authPolicy for this port (0.2's
+    Port.AuthenticationPolicy, from the `auth.istio.io/<port>` annotation); None inherits
+    it."""
+
     name: str
     port: int
     protocol: Protocol
+    auth_policy: AuthPolicy | None = None
 
 
 class Labels(Mapping[str, str]):

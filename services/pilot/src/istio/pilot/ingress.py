@@ -3,8 +3,9 @@
 0.2 served Ingresses whose `kubernetes.io/ingress.class` annotation is `istio` (the mesh's
 `ingressClass`) on the ingress gateway: each path of each rule routes to its backend service
 port, matched on the rule's host (the request's authority) and the path, TLS from the
-Ingress's secret. Here each path becomes an IngressRule config (`convert`, pure), merged with
-the store's IngressRules: the gateway's routes come out the same way for both. The mesh's
+Ingress's secret (on 443, with the certificate SNI picks: istio.pilot.xds.gateways). Here
+each path becomes an IngressRule config (`convert`, pure), merged with the store's
+IngressRules: the gateway's routes come out the same way for both. The mesh's
 `ingressControllerMode` says which Ingresses count: STRICT those with the class, DEFAULT also
 those with none, OFF none. `spec.ingressClassName` (networking.k8s.io/v1) counts as the class.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ KIND = "IngressRule"
 API_VERSION = "config.istio.io/v1alpha2"
 # Precedence bands: exact paths over prefixes over the default backend; longer paths first.
 _EXACT, _PREFIX = 2_000_000, 1_000_000
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def selected(ingress: Mapping[str, Any], mode: str, ingress_class: str) -> bool:
@@ -61,13 +64,16 @@ def convert(ingress: Mapping[str, Any]) -> tuple[list[Config], list[str]]:
     namespace = str(metadata.get("namespace") or "default")
     spec = ingress.get("spec") or {}
     where = f"Ingress {namespace}/{name}"
-    secrets = {
-        host: str(tls.get("secretName", ""))
-        for tls in spec.get("tls") or ()
-        for host in tls.get("hosts") or ("*",)
-    }
     configs: list[Config] = []
     problems: list[str] = []
+    secrets: dict[str, str] = {}
+    for i, tls in enumerate(spec.get("tls") or ()):
+        secret = str(tls.get("secretName") or "")
+        if secret and not _SECRET_NAME.match(secret):
+            problems.append(f"{where}: tls {i}: secret {secret!r} is not a secret's name")
+            secret = ""
+        for host in tls.get("hosts") or ("*",):
+            secrets[host] = secret
 
     def add(suffix: str, backend: Mapping[str, Any], host: str, path: str, kind: str) -> None:
         target = _backend(backend)

@@ -2,7 +2,8 @@
 
     pilot-discovery --registry file:DIR|kube[:KUBECONFIG]|consul:URL|eureka:URL ...
                     [--config-store URL] [--grpc-addr H:P] [--http-addr H:P]
-                    [--mesh-config FILE] [--domain D] [--log-level L]
+                    [--mesh-config FILE] [--domain D] [--ingress-certs-dir DIR]
+                    [--log-level L]
 
 Exit status 0 after a clean shutdown (SIGINT/SIGTERM), 1 when startup fails (one line on
 stderr saying why), 2 for a malformed command line (one line too).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -34,6 +36,7 @@ from istio.pilot.registry import Registry
 from istio.pilot.registry.aggregate import AggregateRegistry
 from istio.pilot.server import PilotServer, split_host_port
 from istio.pilot.xds import tracing
+from istio.pilot.xds.gateways import DEFAULT_INGRESS_CERTS_DIR
 from istio.pilot.xds.generate import endpoint_changes, generate
 
 PROG = "pilot-discovery"
@@ -132,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DOMAIN,
         help=f"the cluster's DNS domain (default {DEFAULT_DOMAIN})",
     )
+    parser.add_argument(
+        "--ingress-certs-dir",
+        default=DEFAULT_INGRESS_CERTS_DIR,
+        metavar="DIR",
+        help="where the ingress proxy has the TLS secrets IngressRules name: "
+        "DIR/SECRET/tls.crt and tls.key (0.2's istio-ingress-certs: DIR/tls.crt; "
+        f"default {DEFAULT_INGRESS_CERTS_DIR})",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     return parser
 
@@ -228,7 +239,7 @@ async def serve(options: argparse.Namespace) -> None:
     pilot = PilotServer(
         aggregate,
         store,
-        generate,
+        functools.partial(generate, ingress_certs_dir=options.ingress_certs_dir),
         members=members,
         mesh=mesh,
         endpoint_changes=endpoint_changes,

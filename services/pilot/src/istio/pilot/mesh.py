@@ -17,6 +17,10 @@ from istio.config import Config
 from istio.model import Service, ServiceInstance
 
 ROUTING_KINDS = ("RouteRule", "DestinationPolicy", "EgressRule", "IngressRule")
+# What a sidecar's Mixer filter is told besides attributes: the quotas a service's requests
+# are charged (Pilot hands each inbound listener the QuotaSpecs bound to its service).
+MIXER_CLIENT_KINDS = ("QuotaSpec", "QuotaSpecBinding")
+WATCHED_KINDS = ROUTING_KINDS + MIXER_CLIENT_KINDS
 
 
 def default_mesh_config() -> proxy_mesh_pb2.MeshConfig:
@@ -43,7 +47,7 @@ def default_mesh_config() -> proxy_mesh_pb2.MeshConfig:
 
 @dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class MeshSnapshot:
-    """Everything generation reads. `configs` holds each routing kind's objects, sorted by
+    """Everything generation reads. `configs` holds each watched kind's objects, sorted by
     namespace and name (so generation is deterministic). Compared by identity: generation
     caches what it derives from a snapshot (istio.pilot.xds.index) for as long as it lives."""
 

@@ -35,7 +35,7 @@ from istio.pilot.ads import (
     Generator,
 )
 from istio.pilot.debug import RegistryCollector, build_app
-from istio.pilot.mesh import ROUTING_KINDS, MeshSnapshot, default_mesh_config
+from istio.pilot.mesh import WATCHED_KINDS, MeshSnapshot, default_mesh_config
 from istio.pilot.registry import Change, Registry, RegistrySnapshot, dns_instances_changed
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,9 @@ class PilotServer:
 
     @property
     def configs(self) -> tuple[Config, ...]:
-        """The routing configs Pilot holds now, by kind, then namespace and name."""
-        return tuple(c for kind in ROUTING_KINDS for c in self._configs_by_kind.get(kind, ()))
+        """The configs Pilot holds now (routing, then quota specs and bindings), by kind, then
+        namespace and name."""
+        return tuple(c for kind in WATCHED_KINDS for c in self._configs_by_kind.get(kind, ()))
 
     # Sources.
 
@@ -175,7 +176,7 @@ class PilotServer:
         while True:
             view: dict[ConfigKey, Config] = {}
             synced = False
-            events = self.store.watch(ROUTING_KINDS)
+            events = self.store.watch(WATCHED_KINDS)
             try:
                 async for event in events:
                     if event.type is EventType.SYNCED:

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-# Imported for their descriptors: config_dump renders the Any fields that hold them.
 from istio.http2.grpc import Call, Channel
 from istio.proxy import envoy
 from istio.proxy.admin import json_body, serve
-from istio.proxy.config import Snapshot
+from istio.proxy.compile import CompileError
+from istio.proxy.config import Listener, Snapshot
 from istio.proxy.context import Context
 from istio.proxy.listeners import ListenerManager
+from istio.proxy.tls import CredentialsError
 from istio.proxy.wire import discovery_request
 from istio.proxy.xds import (
     CLUSTER,
@@ -87,7 +88,7 @@ class Agent:
         self.discovery_address = discovery_address
         self.context = context
         self.listeners = listeners
-        self.state = XdsState()
+        self.state = XdsState({LISTENER: self._check_listener})
         self.warm_timeout = warm_timeout
         self.ready = asyncio.Event()
         self.stopped = asyncio.Event()
@@ -96,6 +97,14 @@ class Agent:
         self._subscribed: dict[str, frozenset[str]] = {}
         self._nonces: dict[str, str] = {}
         self._outbox: asyncio.Queue[Any] | None = None
+
+    def _check_listener(self, listener: Listener) -> None:
+        """A listener whose TLS certificate files do not load is refused (NACK naming the
+        listener and the file); the last accepted listeners keep serving."""
+        try:
+            self.listeners.tls.check_listener(listener)
+        except CredentialsError as error:
+            raise CompileError("listener", listener.name, str(error)) from None
 
     # the ADS stream
 

@@ -7,6 +7,8 @@ reason. Whatever the data path cannot honour faithfully is refused here, never h
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import re
 from collections.abc import Iterable
 from typing import Any, TypeVar
@@ -177,25 +179,37 @@ _RETRY_ON = {
     "reset": "on_reset",
     "refused-stream": "on_refused_stream",
     "retriable-status-codes": "",
-    # gRPC statuses: they arrive in HTTP/2 trailers, which the HTTP/2 upstream will read
+    # gRPC statuses: see _GRPC_RETRY_ON
     "cancelled": "",
     "deadline-exceeded": "",
     "internal": "",
     "resource-exhausted": "",
     "unavailable": "",
 }
+# Envoy's gRPC retry_on conditions: the grpc-status of a trailers-only response.
+_GRPC_RETRY_ON = {
+    "cancelled": 1,
+    "deadline-exceeded": 4,
+    "resource-exhausted": 8,
+    "internal": 13,
+    "unavailable": 14,
+}
 
 
 def _retry(name: str, policy: envoy.RetryPolicy) -> rt.RetryPolicy:
     flags: dict[str, bool] = {}
+    grpc_statuses = set()
     for condition in filter(None, (c.strip() for c in policy.retry_on.split(","))):
         if condition not in _RETRY_ON:
             raise CompileError("route", name, f"unsupported retry_on condition {condition!r}")
         if _RETRY_ON[condition]:
             flags[_RETRY_ON[condition]] = True
+        if condition in _GRPC_RETRY_ON:
+            grpc_statuses.add(_GRPC_RETRY_ON[condition])
     return rt.RetryPolicy(
         **flags,
         retriable_status_codes=frozenset(policy.retriable_status_codes),
+        grpc_statuses=frozenset(grpc_statuses),
         num_retries=policy.num_retries.value if policy.HasField("num_retries") else 1,
         per_try_timeout=seconds(policy.per_try_timeout),
     )
@@ -470,10 +484,20 @@ def listener(resource: envoy.Listener) -> rt.Listener:
             raise CompileError(
                 "listener", name, f"unsupported listener filter {listener_filter.name}"
             )
-    tls_chain, plain_chain = _chains_by_transport(name, resource)
+    # The chains SNI picks are set aside; the rest are picked by transport as ever.
+    sni_chains = [c for c in resource.filter_chains if c.filter_chain_match.server_names]
+    tls_chain, plain_chain = _chains_by_transport(
+        name,
+        [c for c in resource.filter_chains if not c.filter_chain_match.server_names],
+        resource.default_filter_chain if resource.HasField("default_filter_chain") else None,
+    )
     tls: rt.DownstreamTls | None = None
-    if tls_chain is not None:
+    if sni_chains:
+        tls = _sni_tls(name, sni_chains, tls_chain, permissive=plain_chain is not None)
+        tls_chain = tls_chain or sni_chains[0]
+    elif tls_chain is not None:
         tls = _downstream_tls(name, tls_chain.transport_socket, permissive=plain_chain is not None)
+    if tls_chain is not None:
         if plain_chain is not None and list(plain_chain.filters) != list(tls_chain.filters):
             raise CompileError(
                 "listener",
@@ -496,7 +520,15 @@ def listener(resource: envoy.Listener) -> rt.Listener:
         inbound=resource.traffic_direction == envoy.TrafficDirection.INBOUND,
         tls=tls,
         mixer=_metadata_mixer(name, resource.metadata),
+        forward_attributes=_metadata_forward_attributes(resource.metadata),
     )
+
+
+def _metadata_forward_attributes(metadata: envoy.Metadata) -> bool:
+    istio = metadata.filter_metadata.get(ISTIO_METADATA)
+    if istio is None or "mixer_forward_attributes" not in istio.fields:
+        return False
+    return bool(istio.fields["mixer_forward_attributes"].bool_value)
 
 
 def _metadata_mixer(name: str, metadata: envoy.Metadata) -> rt.MixerFilter | None:
@@ -520,16 +552,71 @@ def _metadata_mixer(name: str, metadata: envoy.Metadata) -> rt.MixerFilter | Non
             value = {str(k): str(v) for k, v in value.items()}
         if value in ("", None, {}):
             continue
+        if str(key).endswith(".ip") and isinstance(value, str):
+            try:  # Mixer's IP_ADDRESS attributes travel as the address's bytes
+                value = ipaddress.ip_address(value).packed
+            except ValueError:
+                raise CompileError(
+                    "listener", name, f"mixer attribute {key}: {value!r} is not an IP address"
+                ) from None
         attributes[str(key)] = value
     return rt.MixerFilter(
         address=address,
         check=not mixer.get("disable_policy_checks", False),
         attributes=attributes,
+        quotas=tuple(
+            rule
+            for position, spec in enumerate(mixer.get("quota_specs") or ())
+            for rule in _quota_spec(name, f"mixer.quota_specs[{position}]", spec)
+        ),
     )
 
 
+def _quota_spec(listener: str, where: str, spec: Any) -> list[rt.QuotaRule]:
+    """A QuotaSpec in its JSON form (Pilot's metadata) as rules; CompileError names the field."""
+
+    def fail(field: str, problem: str) -> CompileError:
+        return CompileError("listener", listener, f"{where}{field}: {problem}")
+
+    if not isinstance(spec, dict):
+        raise fail("", "not a QuotaSpec object")
+    rules = []
+    for index, rule in enumerate(spec.get("rules") or ()):
+        at = f".rules[{index}]"
+        alternatives = []
+        for position, match in enumerate(rule.get("match") or ()):
+            clauses = []
+            for attribute, condition in ((match or {}).get("clause") or {}).items():
+                field = f"{at}.match[{position}].clause.{attribute}"
+                kinds = [k for k in ("exact", "prefix", "regex") if k in (condition or {})]
+                if len(kinds) != 1 or not isinstance(condition[kinds[0]], str):
+                    raise fail(field, "needs one string of exact, prefix or regex")
+                value = condition[kinds[0]]
+                if kinds[0] == "regex":
+                    try:
+                        clauses.append(rt.AttributeMatch(attribute, regex=re.compile(value)))
+                    except re.error as error:
+                        raise fail(field, f"bad regex {value!r}: {error}") from None
+                else:
+                    clauses.append(rt.AttributeMatch(attribute, **{kinds[0]: value}))
+            alternatives.append(tuple(clauses))
+        quotas = []
+        for position, quota in enumerate(rule.get("quotas") or ()):
+            field = f"{at}.quotas[{position}]"
+            name, charge = (quota or {}).get("quota"), (quota or {}).get("charge", 0)
+            try:
+                amount = int(charge)  # int64 is a JSON string in a proto's JSON form
+            except (TypeError, ValueError):
+                amount = 0
+            if not isinstance(name, str) or not name or amount <= 0:
+                raise fail(field, "needs a quota name and a positive charge")
+            quotas.append((name, amount))
+        rules.append(rt.QuotaRule(tuple(alternatives), tuple(quotas)))
+    return rules
+
+
 def _chains_by_transport(
-    name: str, resource: envoy.Listener
+    name: str, chains: list[envoy.FilterChain], default_chain: envoy.FilterChain | None
 ) -> tuple[envoy.FilterChain | None, envoy.FilterChain | None]:
     """The chain for TLS connections and the one for plaintext, as Envoy picks them by
     filter_chain_match.transport_protocol ("tls" from the tls_inspector, else "raw_buffer"):
@@ -538,7 +625,7 @@ def _chains_by_transport(
     transport socket."""
     exact: dict[str, envoy.FilterChain] = {}
     catch_all = None
-    for chain in resource.filter_chains:
+    for chain in chains:
         match = chain.filter_chain_match
         if chain.HasField("filter_chain_match") and set(match.present()) - {"transport_protocol"}:
             raise CompileError(
@@ -562,8 +649,8 @@ def _chains_by_transport(
             raise CompileError("listener", name, f"more than one {transport} filter chain")
         else:
             exact[transport] = chain
-    if catch_all is None and resource.HasField("default_filter_chain"):
-        catch_all = resource.default_filter_chain
+    if catch_all is None:
+        catch_all = default_chain
     tls_chain = exact.get("tls")
     plain_chain = exact.get("raw_buffer")
     if catch_all is not None:
@@ -572,6 +659,69 @@ def _chains_by_transport(
         else:
             plain_chain = plain_chain or catch_all
     return tls_chain, plain_chain
+
+
+def _sni_tls(
+    name: str,
+    sni_chains: list[envoy.FilterChain],
+    default_chain: envoy.FilterChain | None,
+    *,
+    permissive: bool,
+) -> rt.DownstreamTls:
+    """A listener whose TLS chains Envoy picks by SNI (filter_chain_match.server_names), as
+    one DownstreamTls whose certificate the SNI picks. The data path serves one chain per
+    listener: the chains must differ in their certificate alone."""
+    reference = default_chain or sni_chains[0]
+    base = _downstream_tls(name, reference.transport_socket, permissive=permissive)
+    seen: set[str] = set()
+    certificates = []
+    for chain in sni_chains:
+        match = chain.filter_chain_match
+        criteria = set(match.present()) - {"server_names"}
+        if match.transport_protocol == "tls":
+            criteria.discard("transport_protocol")
+        if criteria:
+            raise CompileError(
+                "listener",
+                name,
+                "filter_chain_match with server_names is supported on transport_protocol tls only",
+            )
+        if not chain.HasField("transport_socket"):
+            raise CompileError(
+                "listener", name, "a filter chain matching server_names without TLS (passthrough)"
+            )
+        if list(chain.filters) != list(reference.filters):
+            raise CompileError(
+                "listener", name, "the filter chains picked by SNI must carry the same filters"
+            )
+        tls = _downstream_tls(name, chain.transport_socket, permissive=permissive)
+        assert tls.files is not None
+        if _without_certificate(tls) != _without_certificate(base):
+            raise CompileError(
+                "listener",
+                name,
+                "the filter chains picked by SNI must differ in their certificate alone",
+            )
+        names = []
+        for server_name in chain.filter_chain_match.server_names:
+            server_name = server_name.lower()
+            wildcard = server_name.startswith("*.")
+            if not server_name or "*" in (server_name[2:] if wildcard else server_name):
+                raise CompileError("listener", name, f"server name {server_name!r}: not a name")
+            if server_name in seen:
+                raise CompileError(
+                    "listener", name, f"server name {server_name!r} in more than one chain"
+                )
+            seen.add(server_name)
+            names.append(server_name)
+        certificates.append(rt.SniCertificate(tuple(names), tls.files))
+    return dataclasses.replace(base, sni=tuple(certificates), sni_default=default_chain is not None)
+
+
+def _without_certificate(tls: rt.DownstreamTls) -> rt.DownstreamTls:
+    files = tls.files
+    assert files is not None
+    return dataclasses.replace(tls, files=rt.TlsFiles("", "", files.trusted_ca))
 
 
 def _metadata_tls(name: str, metadata: envoy.Metadata) -> rt.DownstreamTls | None:

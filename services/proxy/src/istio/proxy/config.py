@@ -110,6 +110,8 @@ class RetryPolicy:
     on_reset: bool = False
     on_refused_stream: bool = False
     retriable_status_codes: frozenset[int] = frozenset()
+    # gRPC statuses of trailers-only responses that are retried (retry_on "unavailable", ...)
+    grpc_statuses: frozenset[int] = frozenset()
     num_retries: int = 1
     per_try_timeout: float = 0.0  # 0: none, the route timeout alone
 
@@ -385,11 +387,25 @@ class UpstreamTls:
 
 
 @dataclass(frozen=True, slots=True)
+class SniCertificate:
+    """A certificate for clients whose TLS SNI is one of `server_names`: exact names
+    (lowercase), or `*.suffix` wildcards for any name under the suffix (Envoy's
+    FilterChainMatch.server_names)."""
+
+    server_names: tuple[str, ...]
+    files: TlsFiles
+
+
+@dataclass(frozen=True, slots=True)
 class DownstreamTls:
-    """TLS an inbound listener terminates. With `require_client_certificate` the peer must
+    """TLS a listener terminates. With `require_client_certificate` the peer must
     present a certificate from the root whose SPIFFE id is in the trust domain (and matches
     `subject_alt_names` when given); `permissive` takes plaintext on the same port too, told
-    apart by the first bytes (a TLS ClientHello or not)."""
+    apart by the first bytes (a TLS ClientHello or not).
+
+    With `sni` (an ingress TLS port) the client's SNI picks the certificate among them;
+    clients sending another name or none get `files` when `sni_default` (the listener's
+    chain without server names), else the handshake is refused."""
 
     files: TlsFiles | None = None
     require_client_certificate: bool = True
@@ -398,6 +414,8 @@ class DownstreamTls:
     subject_alt_names: tuple[SanMatcher, ...] = ()
     min_version: str = ""
     max_version: str = ""
+    sni: tuple[SniCertificate, ...] = ()
+    sni_default: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,18 +427,57 @@ class Listener:
     use_original_dst: bool
     chain: HttpManager | TcpProxy | None  # None: close every connection (no chain)
     inbound: bool = False
-    tls: DownstreamTls | None = None  # set: TLS terminated here (mTLS from other sidecars)
+    tls: DownstreamTls | None = None  # set: TLS terminated here (mTLS, or an ingress TLS port)
     mixer: MixerFilter | None = None  # set: requests are checked and reported to Mixer
+    # Pilot's `istio.mixer_forward_attributes` (on a sidecar's capture listener): Mixer is
+    # there, so outbound requests carry this sidecar's source attributes (x-istio-attributes).
+    forward_attributes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class MixerFilter:
     """Pilot's inbound listener metadata `istio.mixer`: where Mixer is, whether to Check (0.2's
-    disable_policy_checks turns Check off, Report stays), and the destination's attributes."""
+    disable_policy_checks turns Check off, Report stays), the destination's attributes, and
+    the rules of the QuotaSpecs bound to it (what each request is charged in Check)."""
 
     address: str
     check: bool
     attributes: Mapping[str, Any]
+    quotas: tuple[QuotaRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeMatch:
+    """One string attribute's condition in a QuotaRule: exact, prefix, or regex (whole value)."""
+
+    attribute: str
+    exact: str | None = None
+    prefix: str | None = None
+    regex: re.Pattern[str] | None = None
+
+    def matches(self, value: object) -> bool:
+        if not isinstance(value, str):
+            return False  # absent, or not a string: no clause holds
+        if self.exact is not None:
+            return value == self.exact
+        if self.prefix is not None:
+            return value.startswith(self.prefix)
+        return self.regex is not None and self.regex.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRule:
+    """A QuotaSpec rule: a request is charged `quotas` (name, amount) when one of `match`'s
+    alternatives holds (each all of its clauses), or always when there is none."""
+
+    match: tuple[tuple[AttributeMatch, ...], ...]
+    quotas: tuple[tuple[str, int], ...]
+
+    def applies(self, attributes: Mapping[str, Any]) -> bool:
+        return not self.match or any(
+            all(clause.matches(attributes.get(clause.attribute)) for clause in alternative)
+            for alternative in self.match
+        )
 
 
 class ClusterType(enum.Enum):

@@ -60,6 +60,7 @@ class Context:
         resolver: Resolver | None = None,
         access_log: AccessLog | None = None,
         service_name: str = "istio-proxy",
+        node_id: str = "",
     ) -> None:
         self.snapshot = Snapshot()
         self.stats = Stats()
@@ -72,11 +73,27 @@ class Context:
         self.tracer = Tracer(self._send_spans, service_name)
         # Mixer clients by address (istio.proxy.mixer.Mixers), made when a listener has Mixer.
         self.mixers: Any = None
+        self.node_id = node_id
+        # The x-istio-attributes value outbound requests carry (this sidecar's source.uid and
+        # source.ip, for the server sidecar's Mixer); b"" while Pilot says Mixer is not there.
+        self.istio_attributes = b""
+
+    def _forward_attributes(self, snapshot: Snapshot) -> bytes:
+        if not self.node_id or not any(
+            listener.forward_attributes for listener in snapshot.listeners.values()
+        ):
+            return b""
+        if self.istio_attributes:
+            return self.istio_attributes
+        from istio.proxy.mixer import forward_header  # only where Mixer is
+
+        return forward_header(self.node_id)
 
     def apply(self, snapshot: Snapshot) -> None:
         """Make `snapshot` current: clusters first, so that no request routed by the new
         snapshot finds its cluster missing."""
         self.clusters.apply(snapshot.clusters, snapshot.endpoints)
+        self.istio_attributes = self._forward_attributes(snapshot)
         self.snapshot = snapshot
 
     async def _send_spans(self, cluster_name: str, path: str, body: bytes) -> None:

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from istio.proxy.context import Context
     from istio.proxy.stats import HttpStats
     from istio.proxy.tls import PeerIdentity
+    from istio.proxy.upstream_h2 import UpstreamStream
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PRI = b"PRI * HTTP/2.0\r\n"  # how HTTP/2's preface starts; no HTTP/1.1 method is PRI
 SO_ORIGINAL_DST = 80
 
 
@@ -113,6 +115,21 @@ def original_destination(sock: socket.socket | None) -> Address | None:
     destination = (socket.inet_ntoa(packed), port)
     local = sock.getsockname()
     return None if destination == (local[0], local[1]) else destination
+
+
+def find_manager(
+    context: Context, listener: Listener | None, port: int
+) -> tuple[HttpManager | None, str]:
+    """The connection manager for a request: its listener's (as the current snapshot has
+    it), or on 15001 without one the listener for the port of the request's authority."""
+    if listener is not None:
+        current = context.snapshot.listeners.get(listener.name)
+        chain = (current or listener).chain
+        return (chain if isinstance(chain, HttpManager) else None), listener.name
+    found = context.snapshot.listener_for_port(port)
+    if found is None or not isinstance(found.chain, HttpManager):
+        return None, ""
+    return found.chain, found.name
 
 
 def split_authority(authority: str, default_port: int = 80) -> Address:
@@ -170,11 +187,13 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
         self.stats: HttpStats | None = None
         # After a 101: the exchange whose tunnel carries this connection's bytes, raw.
         self.tunnel: Exchange | None = None
+        self.fresh = True  # nothing read yet: the first bytes tell HTTP/2 from HTTP/1.1
+        self.sniffed = b""
         # The verified client of an mTLS connection (source.user, connection.mtls for Mixer),
         # set by the listener before connection_made; None: plaintext.
         self.peer_identity: PeerIdentity | None = None
-        # On a listener with TLS: the x-forwarded-client-cert line requests get (b"" without
-        # a verified client); whatever the client sent is dropped. None: passed through.
+        # On a listener with TLS: the x-forwarded-client-cert requests get (b"" without a
+        # verified client: none); whatever the client sent is dropped. None: passed through.
         self.xfcc: bytes | None = None
 
     # asyncio.Protocol
@@ -190,9 +209,7 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
         if self.listener is not None and self.listener.tls is not None:
             identity = self.peer_identity
             self.xfcc = (
-                b"x-forwarded-client-cert: %b\r\n" % identity.xfcc().encode()
-                if identity is not None and identity.spiffe_id
-                else b""
+                identity.xfcc().encode() if identity is not None and identity.spiffe_id else b""
             )
         if self.registry is not None:
             self.registry.add(self)
@@ -222,6 +239,8 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
             self.tunnel.tunnel_from_downstream(data)
             return
         if self.closed or self.broken:
+            return
+        if self.fresh and self._sniff(data):
             return
         corked = self.cork()
         # request body bytes for the active exchange's upstream: one write per read, too
@@ -400,16 +419,50 @@ class HttpConnection(CorkedWrites, asyncio.Protocol):
             self.close()
 
     def manager(self, port: int) -> tuple[HttpManager | None, str]:
-        """The connection manager for a request (by the authority's port on 15001)."""
-        listener = self.listener
-        if listener is not None:
-            current = self.context.snapshot.listeners.get(listener.name)
-            chain = (current or listener).chain
-            return (chain if isinstance(chain, HttpManager) else None), listener.name
-        found = self.context.snapshot.listener_for_port(port)
-        if found is None or not isinstance(found.chain, HttpManager):
-            return None, ""
-        return found.chain, found.name
+        return find_manager(self.context, self.listener, port)
+
+    # HTTP/2: a connection whose first bytes are the preface becomes an H2Downstream
+
+    def _sniff(self, data: bytes) -> bool:
+        """True when `data` (with what came before) is, or may still be, HTTP/2's preface;
+        the connection has been handed over (or waits for more bytes) then."""
+        self.fresh = False
+        seen = self.sniffed + data
+        if not seen.startswith(_PRI[: len(seen)]):
+            if self.sniffed:  # held back while undecided: HTTP/1.1 after all
+                self.sniffed = b""
+                self.data_received(seen)
+                return True
+            return False
+        if len(seen) < len(_PRI):
+            self.fresh = True
+            self.sniffed = seen
+            return True
+        self.sniffed = b""
+        from istio.proxy.downstream_h2 import H2Downstream  # loaded by the first h2 client
+
+        transport = self.transport
+        assert transport is not None
+        h2 = H2Downstream(
+            self.context,
+            self.listener,
+            original_dst=self.original_dst,
+            registry=cast("set[asyncio.Protocol] | None", self.registry),
+            peer_identity=self.peer_identity,
+            xfcc=self.xfcc,
+            stats=self.stats,
+        )
+        # this connection object retires without closing the socket
+        self.closed = True
+        if self.registry is not None:
+            self.registry.discard(self)
+        for timer in (self.header_timer, self.idle_timer):
+            if timer is not None:
+                timer.cancel()
+        transport.set_protocol(h2)
+        h2.connection_made(transport)
+        h2.data_received(seen)
+        return True
 
 
 class Exchange:
@@ -433,6 +486,7 @@ class Exchange:
         "expect_continue",
         "finished",
         "flags",
+        "grpc_deadline",
         "head_request",
         "headers",
         "headers_done",
@@ -454,6 +508,7 @@ class Exchange:
         "response_head",
         "response_reset",
         "response_status",
+        "response_trailers",
         "route",
         "sent_index",
         "span",
@@ -496,7 +551,7 @@ class Exchange:
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timed_out = False
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: UpstreamConnection | UpstreamStream | None = None
         self.upstream_host: HostState | None = None
         self.upstream_address = ""
         self.cluster: ClusterRuntime | None = None
@@ -506,6 +561,7 @@ class Exchange:
         self.response_head: list[tuple[bytes, bytes]] = []
         self.response_chunked = False  # the client gets chunked framing
         self.response_body: list[bytes] = []
+        self.response_trailers: list[tuple[bytes, bytes]] = []
         self.response_done = False
         self.response_reset = False
         self.virtual_host: VirtualHost | None = None
@@ -528,6 +584,7 @@ class Exchange:
         self.listener_name = ""
         self.active_request = False
         self.host: HostState | None = None
+        self.grpc_deadline = False  # the route timer is the caller's grpc-timeout
 
     # request side, from the parser
 
@@ -565,7 +622,7 @@ class Exchange:
             return
         self._keep(data)
         if self.body_bytes > self.conn.context.limits.buffer_bytes:
-            self.conn.set_read_paused("buffer", True)
+            self._pause_request("buffer", True)
 
     def _keep(self, data: bytes) -> None:
         self.body.append(data)
@@ -585,8 +642,8 @@ class Exchange:
 
     def request_end(self) -> None:
         self.request_done = True
-        if self.upstream is not None and self.chunked:
-            self.upstream.write(b"0\r\n\r\n")
+        if self.upstream is not None:
+            self.upstream.end_body(self.chunked)
         self._maybe_mirror()
 
     def broken(self, status: int, reason: str) -> None:
@@ -676,6 +733,19 @@ class Exchange:
         headers[":scheme"] = "http"
         return headers
 
+    def _grpc_timeout(self) -> float | None:
+        for name, value in self.headers:
+            if name.lower() == b"grpc-timeout":
+                return grpc_timeout(value.strip())
+        return None
+
+    def _grpc_status(self) -> int | None:
+        """A trailers-only gRPC response's status (in its headers), else None."""
+        for name, value in self.response_head:
+            if name.lower() == b"grpc-status" and value.isdigit():
+                return int(value)
+        return None
+
     async def _forward(self) -> None:
         conn = self.conn
         context = conn.context
@@ -699,7 +769,11 @@ class Exchange:
                 self.request_id = value.decode("latin-1")
         if not self.request_id and manager.generate_request_id:
             self.request_id = request_id()
-        mixer = conn.listener.mixer if conn.listener is not None else None
+        # The listener's current config, as `manager` reads it: a connection accepted before
+        # an LDS update (a QuotaSpec bound since) checks by the new one.
+        mixer = None
+        if conn.listener is not None:
+            mixer = (context.snapshot.listeners.get(conn.listener.name) or conn.listener).mixer
         if mixer is not None and not await self._mixer_check(mixer):
             return
         if manager.tracing is not None:
@@ -738,15 +812,21 @@ class Exchange:
             if fault.abort_ppm and random.randrange(1_000_000) < fault.abort_ppm:
                 self.local_reply(fault.abort_status, "fault filter abort", flags="FI")
                 return
-        if action.timeout:
-            self.timer = conn.loop.call_later(action.timeout, self._route_timeout)
+        timeout = action.timeout
+        deadline = self._grpc_timeout()
+        if deadline is not None and (not timeout or deadline < timeout):
+            timeout = deadline  # the caller gives up then: so does this proxy
+            self.grpc_deadline = True
+        if timeout:
+            self.timer = conn.loop.call_later(timeout, self._route_timeout)
         self.cluster_name = action.pick_cluster(action.next_draw())
         cluster = context.clusters.clusters.get(self.cluster_name)
         if cluster is None:
             self.local_reply(503, f"cluster {self.cluster_name} not found", flags="NC")
             return
-        if cluster.config.http2:
-            self.local_reply(503, "HTTP/2 upstreams are not supported yet", flags="UPE")
+        if cluster.config.http2 and self.upgrade_early is not None:
+            # an HTTP/2 server takes no Upgrade; Envoy answers the same way (upgrade_failed)
+            self.local_reply(403, "upgrade failed: the upstream speaks HTTP/2", flags="UPE")
             return
         self.cluster = cluster
         if self.expect_continue and not self.request_done:
@@ -760,7 +840,12 @@ class Exchange:
         per_try = retry.per_try_timeout if retry is not None else 0.0
         breakers = cluster.config.breakers
         original = self._original_destination()
-        head = self._request_head(action)
+        http2 = cluster.config.http2
+        if http2:
+            self.chunked = False  # HTTP/2 frames the body itself
+        head: bytes | list[tuple[bytes, bytes]] = (
+            self._request_headers(action) if http2 else self._request_head(action)
+        )
         free_retry = True  # a reused keep-alive connection found dead is retried once, free
         backoff = 0
         while True:
@@ -777,7 +862,9 @@ class Exchange:
                 cluster.stats.rq_active += 1
                 self.active_request = True
             try:
-                upstream = await cluster.acquire(host)
+                upstream: UpstreamConnection | UpstreamStream = await (
+                    cluster.acquire_stream(host) if http2 else cluster.acquire(host)
+                )
             except Overflow:
                 self.local_reply(503, "upstream overflow", flags="UO", overloaded=True)
                 return
@@ -796,7 +883,7 @@ class Exchange:
             can_retry = (
                 retries_left > 0
                 and self.replayable
-                and _retriable(retry, outcome, self.response_status)
+                and _retriable(retry, outcome, self.response_status, self._grpc_status())
             )
             if can_retry and cluster.active_retries >= breakers.max_retries:
                 cluster.stats.rq_retry_overflow += 1
@@ -827,6 +914,8 @@ class Exchange:
             )
         elif outcome == "protocol-error":
             self.local_reply(502, "upstream protocol error", flags="UPE")
+        elif outcome == "refused-stream":
+            self.local_reply(503, "upstream refused the stream", flags="UC")
         else:
             self.local_reply(
                 503, "upstream connect error or disconnect/reset before headers", flags="UC"
@@ -840,7 +929,12 @@ class Exchange:
         host, port = split_authority(self.authority)
         return self.conn.context.resolver.resolve(host), port
 
-    def _request_head(self, action: RouteAction) -> bytes:
+    def _request_fields(
+        self, action: RouteAction
+    ) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bool]:
+        """What goes upstream, for either HTTP version: the path (rewritten), the authority,
+        the end-to-end headers with what the route adds, and whether the client accepts
+        trailers (`te: trailers`, which HTTP/2 keeps and HTTP/1.1 drops as hop-by-hop)."""
         route = self.route
         assert route is not None
         path = self.path
@@ -859,23 +953,29 @@ class Exchange:
             for token in value.split(b",")
         }
         removed = {name.encode() for name in route.headers_to_remove}
-        lines = [
-            b"%b %b HTTP/1.1\r\nhost: %b\r\n"
-            % (self.method, path.encode("latin-1"), authority.encode("latin-1"))
-        ]
+        fields: list[tuple[bytes, bytes]] = []
         xfcc = self.conn.xfcc
         if xfcc is not None:  # Envoy's SANITIZE_SET: only this proxy says who the client is
             removed.add(b"x-forwarded-client-cert")
             if xfcc:
-                lines.append(xfcc)
-        has_request_id = has_proto = False
+                fields.append((b"x-forwarded-client-cert", xfcc))
+        # Source attributes are from one sidecar to the next one's Mixer: never the app's to
+        # send (nor a gateway's client's), never the app's to see.
+        removed.add(b"x-istio-attributes")
+        listener = self.conn.listener
+        if (listener is None or not listener.inbound) and self.conn.context.istio_attributes:
+            fields.append((b"x-istio-attributes", self.conn.context.istio_attributes))
+        has_request_id = has_proto = te_trailers = False
         forwarded_for = b""
         span = self.span
         if span is not None:  # the span's B3 headers replace the caller's
             removed |= B3_HEADERS
-            lines += [b"%b: %b\r\n" % header for header in propagate(span, ())]
+            fields += propagate(span, ())
         for name, value in self.headers:
             lower = name.lower()
+            if lower == b"te":
+                te_trailers = te_trailers or b"trailers" in value.lower()
+                continue
             if (
                 lower in HOP_BY_HOP
                 or lower in connection_tokens
@@ -892,28 +992,61 @@ class Exchange:
             elif lower == b"x-forwarded-for" and self.manager and self.manager.use_remote_address:
                 forwarded_for = value + b", "
                 continue
-            lines.append(b"%b: %b\r\n" % (name, value))
+            fields.append((name, value))
         if not has_request_id and self.request_id:
-            lines.append(b"x-request-id: %b\r\n" % self.request_id.encode())
-        if not has_proto:
-            lines.append(b"x-forwarded-proto: http\r\n")
-        if self.upgrade_early is not None:
-            lines.append(b"connection: upgrade\r\nupgrade: %b\r\n" % self._upgrade_type())
+            fields.append((b"x-request-id", self.request_id.encode()))
+        if not has_proto:  # https where this proxy terminated TLS (an ingress TLS port)
+            transport = self.conn.transport if self.conn.xfcc is not None else None
+            tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+            fields.append((b"x-forwarded-proto", b"https" if tls else b"http"))
         if self.manager is not None and self.manager.use_remote_address and self.conn.peer:
-            lines.append(b"x-forwarded-for: %b%b\r\n" % (forwarded_for, self.conn.peer.encode()))
+            fields.append((b"x-forwarded-for", forwarded_for + self.conn.peer.encode()))
         host_headers = self.virtual_host.headers_to_add if self.virtual_host else ()
-        lines += [
-            _header_line(added)
+        fields += [
+            (added.name.encode("latin-1"), added.value.encode("latin-1"))
             for added in (*route.headers_to_add, *host_headers, *self.table_headers)
         ]
-        if self.chunked:
+        return path.encode("latin-1"), authority.encode("latin-1"), fields, te_trailers
+
+    def _request_head(self, action: RouteAction, *, mirror_length: int = -1) -> bytes:
+        """The HTTP/1.1 request head (`mirror_length`: a mirror's whole buffered body)."""
+        path, authority, fields, _ = self._request_fields(action)
+        lines = [b"%b %b HTTP/1.1\r\nhost: %b\r\n" % (self.method, path, authority)]
+        lines += [b"%b: %b\r\n" % field for field in fields]
+        if self.upgrade_early is not None:
+            lines.append(b"connection: upgrade\r\nupgrade: %b\r\n" % self._upgrade_type())
+        if mirror_length >= 0:
+            if mirror_length or self.method not in (b"GET", b"HEAD"):
+                lines.append(b"content-length: %d\r\n" % mirror_length)
+        elif self.chunked:
             lines.append(b"transfer-encoding: chunked\r\n")
         elif self.length:
             lines.append(b"content-length: %d\r\n" % self.length)
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    def _attach(self, upstream: UpstreamConnection, host: HostState, head: bytes) -> None:
+    def _request_headers(self, action: RouteAction) -> list[tuple[bytes, bytes]]:
+        """The HTTP/2 request's header list: pseudo-headers first, names in lowercase."""
+        path, authority, fields, te_trailers = self._request_fields(action)
+        headers = [
+            (b":method", self.method),
+            (b":scheme", b"http"),
+            (b":authority", authority),
+            (b":path", path),
+        ]
+        headers += [(name.lower(), value) for name, value in fields]
+        if te_trailers:
+            headers.append((b"te", b"trailers"))
+        if self.length:
+            headers.append((b"content-length", b"%d" % self.length))
+        return headers
+
+    def _attach(
+        self,
+        upstream: UpstreamConnection | UpstreamStream,
+        host: HostState,
+        head: bytes | list[tuple[bytes, bytes]],
+    ) -> None:
         self.upstream = upstream
         self.upstream_host = host
         self.upstream_address = f"{host.address[0]}:{host.address[1]}"
@@ -921,19 +1054,39 @@ class Exchange:
         self.response_status = 0
         self.response_head = []
         self.response_body = []
+        self.response_trailers = []
         self.response_done = False
         self.attempt_waiter = self.conn.loop.create_future()
-        parts = [head, *(self._frame(chunk) for chunk in self.body)]
-        if self.request_done and self.chunked:
-            parts.append(b"0\r\n\r\n")
-        upstream.attach(self, b"".join(parts), head_request=self.head_request)
+        if isinstance(upstream, UpstreamConnection):
+            assert isinstance(head, bytes)
+            parts = [head, *(self._frame(chunk) for chunk in self.body)]
+            if self.request_done and self.chunked:
+                parts.append(b"0\r\n\r\n")
+            upstream.attach(self, b"".join(parts), head_request=self.head_request)
+        else:
+            assert isinstance(head, list)
+            corked = upstream.cork()  # the HEADERS and the DATA held so far: one write
+            try:
+                upstream.open(
+                    self,
+                    head,
+                    head_request=self.head_request,
+                    end=self.request_done and not self.body,
+                )
+                for chunk in self.body:
+                    upstream.write(chunk)
+                if self.request_done and self.body:
+                    upstream.end_body()
+            finally:
+                if corked:
+                    upstream.uncork()
         if self.replayable:
             self.sent_index = len(self.body)
         else:
             self.body.clear()
             self.body_bytes = 0
             self.sent_index = 0
-        self.conn.set_read_paused("buffer", False)
+        self._pause_request("buffer", False)
 
     async def _await_headers(self, per_try: float) -> str:
         waiter = self.attempt_waiter
@@ -999,13 +1152,23 @@ class Exchange:
         if self.committed:
             self._end_response()
 
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """An HTTP/2 upstream's trailers (gRPC's status): they follow the body."""
+        self.response_trailers = trailers
+
     def on_upstream_reset(self, reason: str) -> None:
         if self.tunneled:
             self._close_tunnel()
             return
         waiter = self.attempt_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result("protocol-error" if "protocol" in reason else "reset")
+            waiter.set_result(
+                "protocol-error"
+                if "protocol" in reason
+                else "refused-stream"
+                if "refused" in reason
+                else "reset"
+            )
             return
         if not self.committed:
             self.response_reset = True  # after the headers, before they went to the client
@@ -1020,7 +1183,11 @@ class Exchange:
             self._complete(reset=True)
 
     def on_upstream_write_paused(self, paused: bool) -> None:
-        self.conn.set_read_paused("upstream", paused)
+        self._pause_request("upstream", paused)
+
+    def _pause_request(self, reason: str, paused: bool) -> None:
+        """Stop (or resume) taking request bytes from the client."""
+        self.conn.set_read_paused(reason, paused)
 
     def cork(self) -> bool:
         return self.conn.cork()
@@ -1090,18 +1257,30 @@ class Exchange:
                 conn.uncork()
 
     def _end_response(self) -> None:
-        if self.response_chunked:
-            self.conn.write(b"0\r\n\r\n")
+        self._finish_body()
         upstream, self.upstream = self.upstream, None
         if self.upstream_host is not None:
             self.upstream_host.active -= 1
             self.upstream_host = None
         if upstream is not None and self.cluster is not None:
-            if self.request_done and self.sent_index == len(self.body):
+            if not (self.request_done and self.sent_index == len(self.body)):
+                upstream.close()
+            elif isinstance(upstream, UpstreamConnection):
                 self.cluster.release(upstream)
             else:
-                upstream.close()
+                upstream.release()
         self._complete()
+
+    def _finish_body(self) -> None:
+        """The response's end to the client: the last chunk (with the upstream's trailers,
+        when there were any), or nothing when the length framed it."""
+        if not self.response_chunked:
+            return
+        trailers = self.response_trailers
+        if trailers:
+            self.conn.write(b"0\r\n%b\r\n" % b"".join(b"%b: %b\r\n" % t for t in trailers))
+        else:
+            self.conn.write(b"0\r\n\r\n")
 
     def _redirect(self, redirect: Redirect) -> None:
         host = redirect.host or self.authority
@@ -1182,9 +1361,13 @@ class Exchange:
             self.task.cancel()
         if reset:
             self._drop_upstream()
-            conn.reset()
+            self._reset_downstream()
             return
         conn.exchange_done(self)
+
+    def _reset_downstream(self) -> None:
+        """A response that cannot be finished: the client must see it broken."""
+        self.conn.reset()
 
     def _release_request(self) -> None:
         if self.active_request and self.cluster is not None:
@@ -1215,7 +1398,8 @@ class Exchange:
         self.mixer_report = (mixer.address, bag)
         if not mixer.check:
             return True
-        answer = await context.mixers.client(mixer.address).check(bag)
+        quotas = mixer_filter.charged_quotas(mixer, bag) if mixer.quotas else None
+        answer = await context.mixers.client(mixer.address).check(bag, quotas)
         if answer.ok:
             return True
         self.local_reply(
@@ -1308,7 +1492,7 @@ class Exchange:
         conn = self.conn
         self.committed = True
         self.status = self.response_status
-        if upstream is None or upstream.closed or conn.closed:
+        if not isinstance(upstream, UpstreamConnection) or upstream.closed or conn.closed:
             self.flags = "UC"
             self._complete(reset=True)
             return
@@ -1432,29 +1616,33 @@ class Exchange:
         ):
             return
         self.mirrored = True
-        head = self._request_head(route.action)
+        body = b"".join(self.body)
+        head = self._request_head(route.action, mirror_length=len(body))
         authority = (route.action.host_rewrite or self.authority).encode("latin-1")
         host, _, port = authority.partition(b":")
         shadow = host + b"-shadow" + (b":" + port if port else b"")
         head = head.replace(
             b"\r\nhost: " + authority + b"\r\n", b"\r\nhost: " + shadow + b"\r\n", 1
         )
-        body = b"".join(self._frame(chunk) for chunk in self.body)
-        if self.chunked:
-            body += b"0\r\n\r\n"
         for name in route.action.mirrors:
             cluster = self.conn.context.clusters.clusters.get(name)
             if cluster is not None and not cluster.config.http2:
                 _spawn(Mirror(cluster).send(head + body, self.head_request))
 
 
-def _retriable(retry: RetryPolicy | None, outcome: str, status: int) -> bool:
+def _retriable(
+    retry: RetryPolicy | None, outcome: str, status: int, grpc_status: int | None = None
+) -> bool:
     if retry is None:
         return False
     if outcome == "headers":
+        if grpc_status is not None and grpc_status in retry.grpc_statuses:
+            return True
         return retry.retries_status(status)
     if outcome == "connect-failure":
         return retry.on_connect_failure or retry.on_5xx or retry.on_gateway_error
+    if outcome == "refused-stream":  # never processed by the server: always safe to resend
+        return retry.on_refused_stream or retry.on_reset or retry.on_5xx
     if outcome in ("reset", "protocol-error"):
         return retry.on_reset or retry.on_5xx or retry.on_gateway_error
     if outcome == "timeout":
@@ -1462,8 +1650,21 @@ def _retriable(retry: RetryPolicy | None, outcome: str, status: int) -> bool:
     return False
 
 
-def _header_line(added: HeaderToAdd) -> bytes:
-    return b"%b: %b\r\n" % (added.name.encode("latin-1"), added.value.encode("latin-1"))
+# gRPC status codes (grpc/status.h) and Envoy's mapping of HTTP statuses to them, for the
+# replies this proxy makes itself to gRPC requests (Grpc::Utility::httpToGrpcStatus).
+GRPC_OK, GRPC_DEADLINE_EXCEEDED, GRPC_UNKNOWN = 0, 4, 2
+HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+def grpc_timeout(value: bytes) -> float | None:
+    """A grpc-timeout header (up to 8 digits and a unit: H M S m u n) in seconds."""
+    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        return None
+    unit = _GRPC_TIMEOUT_UNITS.get(value[-1:])
+    return None if unit is None else int(value[:-1]) * unit
+
+
+_GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
 
 _NO_HEADERS: dict[str, str] = {}  # for route tables without header matchers: never read

@@ -75,6 +75,7 @@ def _chain_connection(
     if isinstance(chain, TcpProxy):
         tcp = TcpConnection(context, chain, original_dst, registry)
         tcp.peer_identity = identity
+        tcp.mixer = listener.mixer
         return tcp
     return None
 

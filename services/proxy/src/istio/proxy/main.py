@@ -1,7 +1,7 @@
 """pilot-agent: the proxy with its agent.
 
     pilot-agent proxy sidecar|ingress|egress --discovery-address H:P [--node-id ID]
-                [--bind-address IP] [--admin-port 15000] [--stats-port 15090]
+                [--bind-address IP] [--source-address IP] [--admin-port 15000] [--stats-port 15090]
                 [--concurrency N] [--meta KEY=VALUE]... [--hosts-file FILE]
                 [--access-log PATH|off] [--cert-dir DIR] [--trust-domain TD] [--log-level L]
 
@@ -65,6 +65,13 @@ def parser() -> argparse.ArgumentParser:
     proxy.add_argument("--discovery-address", type=host_port, required=True, help="Pilot's ADS")
     proxy.add_argument("--node-id", help="the full node id (default: from the environment)")
     proxy.add_argument("--bind-address", default="0.0.0.0", help="where listeners bind")
+    proxy.add_argument(
+        "--source-address",
+        default="",
+        metavar="IP",
+        help="where upstream connections leave from (Envoy's upstream_bind_config; the local "
+        "platform gives each workload's address, so peers and Mixer see who calls)",
+    )
     proxy.add_argument("--admin-port", type=int, default=15000)
     proxy.add_argument("--stats-port", type=int, default=15090)
     proxy.add_argument("--concurrency", type=int, default=1, help="worker processes")
@@ -137,6 +144,7 @@ def _admin_handler(agent: Agent, context: Context, workers: list[Worker]) -> Han
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     worker = bool(args.worker)
     reuse_port = args.concurrency > 1 or worker
+    node = Node(node_id(args), dict(args.meta))
     context = Context(
         limits=Limits(
             header_timeout=args.request_headers_timeout, drain_timeout=args.drain_seconds
@@ -144,11 +152,12 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         resolver=Resolver.from_file(args.hosts_file),
         access_log=AccessLog.open(args.access_log),
         service_name=args.service_cluster,
+        node_id=node.id,
     )
     tls = TlsManager(args.cert_dir, args.trust_domain)
     context.clusters.tls = tls
+    context.clusters.source_address = args.source_address
     listeners = ListenerManager(context, args.bind_address, reuse_port=reuse_port, tls=tls)
-    node = Node(node_id(args), dict(args.meta))
     agent = Agent(node, args.discovery_address, context, listeners)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

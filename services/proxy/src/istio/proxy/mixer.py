@@ -8,26 +8,52 @@ response response.*), asks `MixerClient.check` (cached by referenced attributes,
 answers a denial itself, and queues the Report (batched). The gRPC calls ride the proxy's own
 HTTP/2 client (istio.http2.grpc): no grpcio in the data plane. This module is imported only
 when a listener has Mixer, so a mesh without Mixer pays nothing for it.
+
+TCP (0.2's Envoy mixer TCP filter): a connection to an inbound TCP listener with Mixer is
+checked before the upstream is even connected (`TcpMixer.check`; a denial closes it, not a
+byte sent on), and reported once when it closes with its byte counts and duration.
+
+Source attributes (0.2's forward_attributes): a sidecar whose Pilot says Mixer is there
+(`mixer_forward_attributes` on the capture listener) adds `x-istio-attributes` to every
+outbound request: base64 of an istio.mixer.v1.Attributes with its own source.uid
+(`kubernetes://<pod>.<namespace>`, from its node id) and source.ip. The server sidecar merges
+them into its bag (they name the caller better than the connection's peer, which may be a
+loopback or NATed address) and strips the header before the app. They are not authenticated
+(as in 0.2): source.user, the mTLS identity, is never taken from them.
+
+Quotas: the metadata's `quota_specs` (the QuotaSpecs Pilot found bound to the destination)
+say what each request is charged; Check asks for those (the client prefetches them), and a
+quota not granted is answered 429 (RESOURCE_EXHAUSTED), as Envoy's Mixer filter did.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import datetime
 import ipaddress
 import logging
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from istio.http2.grpc import Channel
-from istio.mixerclient.client import CheckAnswer, MixerClient
+from istio.mixerclient.attributes import DecodeError, encode_plain, read_plain
+from istio.mixerclient.client import OK, CheckAnswer, MixerClient
 from istio.proxy.config import MixerFilter
+
+if TYPE_CHECKING:
+    from istio.proxy.context import Context
+    from istio.proxy.tls import PeerIdentity
 
 log = logging.getLogger(__name__)
 
 CHECK = "/istio.mixer.v1.Mixer/Check"
 REPORT = "/istio.mixer.v1.Mixer/Report"
 CALL_TIMEOUT = 5.0
+ISTIO_ATTRIBUTES = b"x-istio-attributes"
+_ALLOWED = CheckAnswer(OK)
 # google.rpc codes of a denial to the HTTP status the client gets (Envoy's mapping).
 HTTP_STATUS = {
     3: 400,  # INVALID_ARGUMENT
@@ -74,6 +100,51 @@ class Mixers:
                 await transport.channel.close()
 
 
+def mixers(context: Context) -> Mixers:
+    """The proxy's Mixer clients, made the first time a listener with Mixer needs one."""
+    if context.mixers is None:
+        context.mixers = Mixers()
+    found: Mixers = context.mixers
+    return found
+
+
+def source_attributes(node_id: str) -> dict[str, Any]:
+    """What a sidecar says about itself to the server sidecar: 0.2's source.uid
+    (`kubernetes://<pod>.<namespace>`) and source.ip, from its node id
+    `<type>~<ip>~<pod>.<namespace>~<domain>`. Empty for an id not of that form."""
+    parts = node_id.split("~")
+    if len(parts) != 4 or not parts[2]:
+        return {}
+    found: dict[str, Any] = {"source.uid": f"kubernetes://{parts[2]}"}
+    with contextlib.suppress(ValueError):
+        found["source.ip"] = ipaddress.ip_address(parts[1]).packed
+    return found
+
+
+def forward_header(node_id: str) -> bytes:
+    """The x-istio-attributes value outbound requests carry (b"" without attributes)."""
+    attributes = source_attributes(node_id)
+    if not attributes:
+        return b""
+    return base64.b64encode(encode_plain(attributes).SerializeToString())
+
+
+def forwarded_attributes(value: str) -> dict[str, Any]:
+    """The caller's source.* attributes from its x-istio-attributes; a header that does not
+    decode is ignored (a plain client may send anything), and source.user is never taken
+    (only mTLS says who the caller is)."""
+    try:
+        bag = read_plain(base64.b64decode(value, validate=True))
+    except (binascii.Error, DecodeError):
+        log.debug("ignoring an x-istio-attributes header that does not decode")
+        return {}
+    return {
+        name: attribute
+        for name, attribute in bag.items()
+        if name.startswith("source.") and name != "source.user"
+    }
+
+
 def request_attributes(
     mixer: MixerFilter,
     *,
@@ -88,9 +159,13 @@ def request_attributes(
 ) -> dict[str, Any]:
     """The bag Check sees (and Report starts from)."""
     header_map: dict[str, str] = {}
+    forwarded = ""
     for name, value in headers:
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
+        if key == "x-istio-attributes":  # the calling sidecar's, not the app's
+            forwarded = text
+            continue
         header_map[key] = f"{header_map[key]},{text}" if key in header_map else text
     bag: dict[str, Any] = dict(mixer.attributes)
     bag.update(
@@ -112,9 +187,22 @@ def request_attributes(
     if peer:
         with contextlib.suppress(ValueError):  # a Unix socket peer: no source.ip
             bag["source.ip"] = ipaddress.ip_address(peer).packed
+    if forwarded:
+        bag.update(forwarded_attributes(forwarded))
     if source_user:
         bag["source.user"] = source_user
     return bag
+
+
+def charged_quotas(mixer: MixerFilter, bag: Mapping[str, Any]) -> dict[str, int]:
+    """What Check asks for this request: every quota of every bound QuotaSpec rule that
+    applies (a quota several rules name is charged their sum)."""
+    charged: dict[str, int] = {}
+    for rule in mixer.quotas:
+        if rule.applies(bag):
+            for name, amount in rule.quotas:
+                charged[name] = charged.get(name, 0) + amount
+    return charged
 
 
 def denial_status(answer: CheckAnswer) -> int:
@@ -140,3 +228,74 @@ def report_attributes(
         }
     )
     return report
+
+
+def connection_attributes(
+    mixer: MixerFilter, *, peer: Any, source_user: str, mtls: bool
+) -> dict[str, Any]:
+    """The bag a TCP connection's Check sees (and its Report starts from), as 0.2's TCP
+    filter made it: the destination's attributes from Pilot, source.ip and source.port of the
+    peer, connection.mtls and source.user from mTLS, context.protocol "tcp"."""
+    bag: dict[str, Any] = dict(mixer.attributes)
+    bag["context.protocol"] = "tcp"
+    bag["connection.mtls"] = mtls
+    if isinstance(peer, tuple) and len(peer) >= 2:  # a Unix socket peer: no source.ip
+        with contextlib.suppress(ValueError):
+            bag["source.ip"] = ipaddress.ip_address(peer[0]).packed
+            bag["source.port"] = int(peer[1])
+    if source_user:
+        bag["source.user"] = source_user
+    return bag
+
+
+class TcpMixer:
+    """Mixer for one TCP connection: Check when it opens, one Report when it closes."""
+
+    __slots__ = ("bag", "check_enabled", "client", "denial", "started")
+
+    def __init__(
+        self,
+        context: Context,
+        mixer: MixerFilter,
+        peer: Any,
+        identity: PeerIdentity | None,
+    ) -> None:
+        self.client = mixers(context).client(mixer.address)
+        self.check_enabled = mixer.check
+        self.bag = connection_attributes(
+            mixer,
+            peer=peer,
+            source_user=identity.spiffe_id if identity is not None else "",
+            mtls=identity is not None,
+        )
+        self.started = time.monotonic()
+        self.denial: CheckAnswer | None = None
+
+    async def check(self) -> CheckAnswer:
+        """Mixer's answer (fail-open); allowed without asking when policy checks are off."""
+        if not self.check_enabled:
+            return _ALLOWED
+        answer = await self.client.check(self.bag)
+        if not answer.ok:
+            self.denial = answer
+        return answer
+
+    def report(self, *, received: int, sent: int) -> None:
+        """Queue the connection's Report: `received` bytes from the client, `sent` to it.
+        One Report per connection, so each total is also the count since the last one."""
+        bag = dict(self.bag)
+        bag.update(
+            {
+                "connection.received.bytes": received,
+                "connection.received.bytes_total": received,
+                "connection.sent.bytes": sent,
+                "connection.sent.bytes_total": sent,
+                "connection.duration": datetime.timedelta(seconds=time.monotonic() - self.started),
+                "context.time": datetime.datetime.now(datetime.UTC),
+            }
+        )
+        if self.denial is not None:
+            bag["check.error_code"] = self.denial.status_code
+            if self.denial.message:
+                bag["check.error_message"] = self.denial.message
+        self.client.report(bag)

@@ -12,6 +12,10 @@ carries no byte either way for that long is closed (`idle_timeout`). Connections
 cluster without a host (BlackHoleCluster) are closed at once (`downstream_cx_no_route`); a
 cluster at max_connections refuses more (`upstream_cx_overflow`).
 
+On an inbound listener with Mixer (Pilot's `istio.mixer` metadata), the connection is checked
+before its upstream is connected, still not reading, and reported when it closes, with the
+bytes each way (`istio.proxy.mixer.TcpMixer`); a denial closes it before any byte goes on.
+
 On MongoDB and Redis ports a sniffer (`istio.proxy.mongo`, `istio.proxy.redis`, sans-io)
 reads a copy of each direction's bytes for protocol stats after they are forwarded; nothing
 it does or fails to do touches the bytes.
@@ -22,15 +26,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
-from istio.proxy.config import Sniffer, TcpProxy
+from istio.proxy.config import MixerFilter, Sniffer, TcpProxy
 from istio.proxy.context import Context
 from istio.proxy.mongo import MongoSniffer
 from istio.proxy.redis import RedisSniffer
 from istio.proxy.stats import ClusterStats, TcpStats
 from istio.proxy.tls import ALPN_TCP, PeerIdentity, remember_session
 from istio.proxy.upstream import Address, ClusterRuntime, ConnectFailure, HostState
+
+if TYPE_CHECKING:
+    from istio.proxy.mixer import TcpMixer
 
 
 class ProtocolSniffer(Protocol):
@@ -120,6 +127,11 @@ class TcpConnection(asyncio.Protocol):
         # The verified client of an mTLS connection (set by the listener); None: plaintext.
         self.peer_identity: PeerIdentity | None = None
         self.session_pending = False  # mTLS upstream: its session is kept at its first reply
+        # The listener's Mixer (set by the listener before connection_made); None: no Mixer.
+        self.mixer: MixerFilter | None = None
+        self.mixer_session: TcpMixer | None = None
+        self.received = 0  # bytes from the client, for Mixer's Report
+        self.sent = 0  # bytes to the client
 
     # the downstream transport
 
@@ -132,6 +144,30 @@ class TcpConnection(asyncio.Protocol):
         stats = self.stats
         stats.cx_total += 1
         stats.cx_active += 1
+        # Nothing is read until the upstream is connected (and Mixer has allowed it).
+        transport.pause_reading()
+        if self.mixer is not None:
+            from istio.proxy.mixer import TcpMixer  # only where a listener has Mixer
+
+            peer = transport.get_extra_info("peername")
+            self.mixer_session = TcpMixer(self.context, self.mixer, peer, self.peer_identity)
+            self.task = self.loop.create_task(self._check(self.mixer_session, transport))
+            return
+        self._open(transport)
+
+    async def _check(self, session: TcpMixer, transport: asyncio.Transport) -> None:
+        answer = await session.check()
+        if self.closed:
+            return
+        self.task = None
+        if not answer.ok:
+            self.close()
+            return
+        self._open(transport)
+
+    def _open(self, transport: asyncio.Transport) -> None:
+        """Pick the upstream host (or close at once without one) and start connecting."""
+        stats = self.stats
         runtime = self.context.clusters.clusters.get(self.config.cluster)
         host = runtime.pick(self.original_dst) if runtime is not None else None
         if runtime is None or host is None:
@@ -150,7 +186,6 @@ class TcpConnection(asyncio.Protocol):
         host.active += 1
         cluster_stats.cx_total += 1
         cluster_stats.cx_active += 1
-        transport.pause_reading()
         self.task = self.loop.create_task(self._connect(runtime, host))
 
     async def _connect(self, runtime: ClusterRuntime, host: HostState) -> None:
@@ -189,6 +224,7 @@ class TcpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         size = len(data)
+        self.received += size
         self.stats.cx_rx_bytes_total += size
         cluster_stats = self.cluster_stats
         if cluster_stats is not None:
@@ -236,6 +272,7 @@ class TcpConnection(asyncio.Protocol):
             if self.upstream is not None:
                 remember_session(self.upstream)
         size = len(data)
+        self.sent += size
         self.stats.cx_tx_bytes_total += size
         if self.cluster_stats is not None:
             self.cluster_stats.cx_rx_bytes_total += size
@@ -313,6 +350,9 @@ class TcpConnection(asyncio.Protocol):
         elif self.upstream is not None:
             self._release()
         self.sniffer = None
+        if self.mixer_session is not None:
+            self.mixer_session.report(received=self.received, sent=self.sent)
+            self.mixer_session = None
 
     def _release(self) -> None:
         runtime, host = self.runtime, self.host

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from istio.proxy.config import DownstreamTls, SanMatcher, TlsFiles, UpstreamTls
+from istio.proxy.config import DownstreamTls, Listener, SanMatcher, TlsFiles, UpstreamTls
 from istio.proxy.stats import ProtocolStats
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,14 @@ PEEK_TIMEOUT = 5.0
 LOG_INTERVAL = 60.0  # one refusal logged per peer address in this many seconds
 
 # ALPN. A client offers what it will speak; a server accepts what its chain serves. "istio"
-# marks sidecar-to-sidecar connections as Istio's proxies marked them. "h2" joins the HTTP
-# lists (first) once the data path speaks HTTP/2 over these connections; a TCP chain passes
-# bytes through, so it accepts any of them.
+# marks sidecar-to-sidecar connections as Istio's proxies marked them. An HTTP chain takes
+# either version: the connection tells them apart by its first bytes (the HTTP/2 preface),
+# so what ALPN picked never has to be passed along. A TCP chain passes bytes through, so it
+# accepts any of them.
 ALPN_HTTP1 = ("http/1.1", "istio")
+ALPN_H2 = ("h2", "istio")
 ALPN_TCP = ("istio",)
-ALPN_SERVER_HTTP = ("http/1.1", "istio")
+ALPN_SERVER_HTTP = ("h2", "http/1.1", "istio")
 ALPN_SERVER_TCP = ("istio", "h2", "http/1.1")
 
 _VERSIONS = {"TLSv1_2": ssl.TLSVersion.TLSv1_2, "TLSv1_3": ssl.TLSVersion.TLSv1_3}
@@ -198,6 +200,8 @@ def _own_spiffe_id(path: str) -> str:
 
 
 Signature = tuple[tuple[int, int, int] | None, ...]
+# Python's SSLContext.sni_callback: (connection, server name or None, context) -> alert or None.
+SniCallback = Callable[[Any, str | None, ssl.SSLContext], int | None]
 
 
 class Credentials:
@@ -248,8 +252,7 @@ class Credentials:
         try:
             self._make("server", (), ssl.CERT_NONE, "", "")
         except (OSError, ssl.SSLError, ValueError) as error:
-            reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or error
-            message = f"cannot load {', '.join(self._paths())}: {reason}"
+            message = self._explain(error)
             if message != self.error:
                 log.warning(
                     "%s (%s)",
@@ -266,23 +269,65 @@ class Credentials:
             "certificate %s loaded (%s)", self.files.cert_chain, self.local_id or "no SPIFFE id"
         )
 
+    def check(self) -> None:
+        """Look at the files now, whatever the interval; CredentialsError saying which file is
+        at fault unless they load (a certificate loaded before stays in use meanwhile)."""
+        self._next_check = float("-inf")
+        self.refresh()
+        if self.error:
+            raise CredentialsError(self.error)
+
+    def _explain(self, error: BaseException) -> str:
+        """Why the files do not load, naming the one at fault where that can be told."""
+        files = self.files
+        contents: dict[str, bytes] = {}
+        for path in self._paths():
+            try:
+                with open(path, "rb") as file:
+                    contents[path] = file.read()
+            except OSError as problem:
+                return f"cannot load {path}: {problem.strerror or problem}"
+        if files.cert_chain and b"-----BEGIN CERTIFICATE-----" not in contents[files.cert_chain]:
+            return f"cannot load {files.cert_chain}: no PEM certificate in it"
+        if files.private_key and b"PRIVATE KEY-----" not in contents[files.private_key]:
+            return f"cannot load {files.private_key}: no PEM private key in it"
+        reason = str(getattr(error, "reason", None) or getattr(error, "strerror", None) or error)
+        if reason == "KEY_VALUES_MISMATCH":
+            return (
+                f"cannot load {files.private_key}: the key does not match the certificate "
+                f"in {files.cert_chain}"
+            )
+        return f"cannot load {', '.join(self._paths())}: {reason}"
+
     def _context(
-        self, side: str, alpn: tuple[str, ...], verify: ssl.VerifyMode, low: str, high: str
+        self,
+        side: str,
+        alpn: tuple[str, ...],
+        verify: ssl.VerifyMode,
+        low: str,
+        high: str,
+        sni: SniCallback | None = None,
     ) -> ssl.SSLContext:
         self.refresh()
         if self._loaded is None:
             raise CredentialsError(self.error)
-        key = (side, alpn, verify, low, high)
+        key = (side, alpn, verify, low, high, sni)
         context = self._contexts.get(key)
         if context is None:
             try:
-                context = self._contexts[key] = self._make(side, alpn, verify, low, high)
+                context = self._contexts[key] = self._make(side, alpn, verify, low, high, sni)
             except (OSError, ssl.SSLError, ValueError) as error:
-                raise CredentialsError(f"cannot load {', '.join(self._paths())}: {error}") from None
+                raise CredentialsError(self._explain(error)) from None
         return context
 
     def _make(
-        self, side: str, alpn: tuple[str, ...], verify: ssl.VerifyMode, low: str, high: str
+        self,
+        side: str,
+        alpn: tuple[str, ...],
+        verify: ssl.VerifyMode,
+        low: str,
+        high: str,
+        sni: SniCallback | None = None,
     ) -> ssl.SSLContext:
         files = self.files
         context: ssl.SSLContext
@@ -303,9 +348,15 @@ class Credentials:
         context.verify_mode = verify
         if alpn:
             context.set_alpn_protocols(list(alpn))
+        if sni is not None:
+            context.sni_callback = sni
         return context
 
-    def server_context(self, settings: DownstreamTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    def server_context(
+        self, settings: DownstreamTls, alpn: tuple[str, ...], sni: SniCallback | None = None
+    ) -> ssl.SSLContext:
+        """The context a listener's handshakes start with; with `sni`, the callback that
+        may switch each one to another certificate's context on the client's SNI."""
         if settings.require_client_certificate:
             verify = ssl.CERT_REQUIRED
         elif self.files.trusted_ca:
@@ -313,7 +364,7 @@ class Credentials:
         else:
             verify = ssl.CERT_NONE
         return self._context(
-            "server", settings.alpn or alpn, verify, settings.min_version, settings.max_version
+            "server", settings.alpn or alpn, verify, settings.min_version, settings.max_version, sni
         )
 
     def client_context(self, settings: UpstreamTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
@@ -324,6 +375,58 @@ class Credentials:
             settings.min_version,
             settings.max_version,
         )
+
+
+class SniSelector:
+    """The certificates of a listener whose client's SNI picks one (`DownstreamTls.sni`): the
+    handshake starts with the default certificate's context, whose callback switches it, as
+    soon as the ClientHello is read, to the context of the certificate for the name sent. An
+    exact name first, then the longest `*.suffix` wildcard, then the default (or a refusal
+    when the listener has none). Each certificate is a `Credentials`: reloaded when its files
+    change, as the mesh's are."""
+
+    def __init__(self, manager: TlsManager, settings: DownstreamTls, alpn: tuple[str, ...]):
+        self.settings = settings
+        self.alpn = alpn
+        self.default = manager.credentials(settings.files)
+        self.exact: dict[str, Credentials] = {}
+        wildcards: list[tuple[str, Credentials]] = []
+        for certificate in settings.sni:
+            credentials = manager.credentials(certificate.files)
+            for name in certificate.server_names:
+                if name.startswith("*."):
+                    wildcards.append((name[1:], credentials))
+                else:
+                    self.exact.setdefault(name, credentials)
+        wildcards.sort(key=lambda item: -len(item[0]))
+        self.wildcards = tuple(wildcards)
+
+    def lookup(self, server_name: str | None) -> Credentials | None:
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            found = self.exact.get(name)
+            if found is not None:
+                return found
+            for suffix, credentials in self.wildcards:
+                if name.endswith(suffix) and len(name) > len(suffix):
+                    return credentials
+        return self.default if self.settings.sni_default else None
+
+    def context(self) -> ssl.SSLContext:
+        return self.default.server_context(self.settings, self.alpn, self._select)
+
+    def _select(self, connection: Any, server_name: str | None, _: ssl.SSLContext) -> int | None:
+        credentials = self.lookup(server_name)
+        if credentials is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        if credentials is self.default:
+            return None  # the context the handshake started with
+        try:
+            connection.context = credentials.server_context(self.settings, self.alpn)
+        except CredentialsError:
+            # Refused, not served with another name's certificate; the Acceptor logs it.
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        return None
 
 
 class RateLimitedLog:
@@ -424,6 +527,7 @@ class TlsManager:
         )
         self.refusals = RateLimitedLog()
         self._credentials: dict[TlsFiles, Credentials] = {}
+        self._selectors: dict[tuple[DownstreamTls, tuple[str, ...]], SniSelector] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
 
     def credentials(self, files: TlsFiles | None) -> Credentials:
@@ -437,6 +541,28 @@ class TlsManager:
             )
         return credentials
 
+    def server_context(self, settings: DownstreamTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
+        """The context a listener's handshakes start with (CredentialsError without one)."""
+        if not settings.sni:
+            return self.credentials(settings.files).server_context(settings, alpn)
+        key = (settings, alpn)
+        selector = self._selectors.get(key)
+        if selector is None:
+            if len(self._selectors) >= 256:  # listeners come and go: forget the old ones
+                self._selectors.clear()
+            selector = self._selectors[key] = SniSelector(self, settings, alpn)
+        return selector.context()
+
+    def check_listener(self, listener: Listener) -> None:
+        """Before a listener is accepted: the certificate files its TLS names must load, as
+        Envoy refuses a listener whose files do not (the mesh's own, from --cert-dir, are
+        the node agent's to write, and may come later). CredentialsError naming the file."""
+        settings = listener.tls
+        if settings is None or settings.files is None:
+            return
+        for files in (settings.files, *(c.files for c in settings.sni)):
+            self.credentials(files).check()
+
     async def connect(
         self,
         factory: Callable[[], asyncio.Protocol],
@@ -445,10 +571,12 @@ class TlsManager:
         settings: UpstreamTls,
         alpn: tuple[str, ...],
         stats: ProtocolStats,
+        *,
+        local_addr: tuple[str, int] | None = None,
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
-        """A mutual TLS connection to `host:port`, served by `factory()`'s protocol once the
-        server's identity is checked. OSError for TCP, TlsError for TLS; the caller bounds the
-        time."""
+        """A mutual TLS connection to `host:port` (from `local_addr` when given), served by
+        `factory()`'s protocol once the server's identity is checked. OSError for TCP, TlsError
+        for TLS; the caller bounds the time."""
         try:
             credentials = self.credentials(settings.files)
             context = credentials.client_context(settings, alpn)
@@ -472,6 +600,7 @@ class TlsManager:
                 ssl=context,
                 server_hostname=settings.sni or host,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                local_addr=local_addr,
             )
         except ssl.SSLError as error:
             stat, reason = _handshake_failure(error)
@@ -600,8 +729,9 @@ class Acceptor(asyncio.Protocol):
             self.stats.count("plaintext_refused")
             self.manager.refusals.warning(
                 self.peer,
-                "refused a plaintext connection from %s: this port takes mutual TLS only",
+                "refused a plaintext connection from %s: this port takes %s only",
                 self.peer,
+                "mutual TLS" if self.settings.require_client_certificate else "TLS",
             )
             self._close()
             return
@@ -626,12 +756,12 @@ class Acceptor(asyncio.Protocol):
         settings = self.settings
         try:
             credentials = self.manager.credentials(settings.files)
-            context = credentials.server_context(settings, self.alpn)
+            context = self.manager.server_context(settings, self.alpn)
         except CredentialsError as error:
             sock.close()
             self.stats.count("local_certificate_missing")
             self.manager.refusals.warning(
-                f"credentials {settings.files}", "cannot serve mutual TLS: %s", error
+                f"credentials {settings.files}", "cannot serve TLS: %s", error
             )
             return
         trust_domain = self.manager.trust_domain

@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import random
 import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
 from istio.proxy.config import Cluster, ClusterType, Endpoint, LbPolicy
 from istio.proxy.stats import ClusterStats, ProtocolStats, Stats
-from istio.proxy.tls import ALPN_HTTP1, TlsError, TlsManager, remember_session
+from istio.proxy.tls import ALPN_H2, ALPN_HTTP1, TlsError, TlsManager, remember_session
 from istio.proxy.writes import CorkedWrites
+
+if TYPE_CHECKING:
+    from istio.proxy.upstream_h2 import H2Upstream, UpstreamStream
 
 Address = tuple[str, int]
 
@@ -90,6 +94,25 @@ class Resolver:
 
     def resolve(self, host: str) -> str:
         return self.hosts.get(host.lower(), host)
+
+
+def local_address(source: str, destination: str) -> tuple[str, int] | None:
+    """Where a connection to `destination` leaves from: `source` (any port), as Envoy's
+    upstream_bind_config.source_address, so that the peer sees this workload's address (the
+    local platform gives each workload its own 127.0.0.N, and Mixer tells callers apart by
+    source.ip). None, the kernel's choice, without a source, for a destination that is a name
+    or of the other family, and from a loopback source to a host it cannot reach (not
+    loopback)."""
+    if not source:
+        return None
+    try:
+        ours = ipaddress.ip_address(source)
+        theirs = ipaddress.ip_address(destination)
+    except ValueError:
+        return None
+    if ours.version != theirs.version or (ours.is_loopback and not theirs.is_loopback):
+        return None
+    return source, 0
 
 
 class UpstreamConnection(CorkedWrites, asyncio.Protocol):
@@ -254,6 +277,11 @@ class UpstreamConnection(CorkedWrites, asyncio.Protocol):
         self._until_close = False
         self.write(head)
 
+    def end_body(self, chunked: bool) -> None:
+        """The request body ended: its last chunk when it was chunked."""
+        if chunked:
+            self.write(b"0\r\n\r\n")
+
     def tunnel_open(self, handler: TunnelEnd) -> list[bytes]:
         """From now on every byte read goes to `handler.tunnel_from_upstream`; returns what
         came after the 101 before the tunnel opened."""
@@ -291,6 +319,8 @@ class HostState:
         "consecutive_5xx",
         "ejected_until",
         "ejections",
+        "h2",
+        "h2_connecting",
         "idle",
         "removed",
     )
@@ -298,6 +328,9 @@ class HostState:
     def __init__(self, address: Address) -> None:
         self.address = address
         self.idle: list[UpstreamConnection] = []
+        # HTTP/2 clusters: the host's multiplexed connections, and the one being opened
+        self.h2: list[H2Upstream] = []
+        self.h2_connecting: asyncio.Future[H2Upstream] | None = None
         self.active = 0
         self.consecutive_5xx = 0
         self.ejected_until = 0.0
@@ -315,11 +348,13 @@ class ClusterRuntime:
         *,
         tls: TlsManager | None = None,
         ssl_stats: Callable[[], ProtocolStats] | None = None,
+        source_address: str = "",
     ) -> None:
         self.config = config
         self.stats = stats
         self.resolver = resolver
         self.tls = tls
+        self.source_address = source_address
         self._ssl_stats = ssl_stats
         self.hosts: dict[Address, HostState] = {}
         self.order: list[HostState] = []
@@ -353,6 +388,8 @@ class ClusterRuntime:
         idle, host.idle = host.idle, []
         for connection in idle:
             connection.close()
+        for multiplexed in list(host.h2):
+            multiplexed.drain()  # its streams finish first
 
     def shutdown(self) -> None:
         for host in self.hosts.values():
@@ -448,6 +485,55 @@ class ClusterRuntime:
                 return handed
         return await self._connect(host)
 
+    async def acquire_stream(self, host: HostState) -> UpstreamStream:
+        """A stream for one request to `host` on an HTTP/2 connection with room for it; a
+        new connection when none has, shared by every request that waits for it."""
+        for connection in host.h2:
+            if connection.available():
+                return connection.stream()
+        while True:
+            connecting = host.h2_connecting
+            if connecting is None:
+                if self.connections >= self.config.breakers.max_connections:
+                    self.stats.rq_pending_overflow += 1
+                    raise Overflow("connections")
+                connecting = host.h2_connecting = asyncio.get_running_loop().create_future()
+                try:
+                    connection = await self._connect_h2(host)
+                except BaseException as error:
+                    connecting.set_exception(
+                        error if isinstance(error, ConnectFailure) else ConnectFailure(str(error))
+                    )
+                    connecting.exception()  # retrieved: waiters may be none
+                    raise
+                finally:
+                    host.h2_connecting = None
+                host.h2.append(connection)
+                connecting.set_result(connection)
+            else:
+                connection = await asyncio.shield(connecting)
+            if connection.available():
+                return connection.stream()
+            # full already (the peer allows few streams): look again, or open another
+            for other in host.h2:
+                if other.available():
+                    return other.stream()
+
+    async def _connect_h2(self, host: HostState) -> H2Upstream:
+        from istio.proxy.upstream_h2 import H2Upstream  # only clusters that speak HTTP/2
+
+        protocol = await self._counted_open(lambda: H2Upstream(self, host), host, ALPN_H2)
+        return cast("H2Upstream", protocol)
+
+    def h2_closed(self, connection: H2Upstream) -> None:
+        if connection.counted:
+            return
+        connection.counted = True
+        self.connections -= 1
+        self.stats.cx_active -= 1
+        if connection in connection.host.h2:
+            connection.host.h2.remove(connection)
+
     async def connect_tunnel(self, host: HostState) -> UpstreamConnection:
         """A new connection for a CONNECT tunnel: counted like any, never pooled, and without
         the TLS to an external host a cluster may originate (the client speaks its own TLS
@@ -455,30 +541,39 @@ class ClusterRuntime:
         return await self._connect(host, plain=True)
 
     async def _connect(self, host: HostState, *, plain: bool = False) -> UpstreamConnection:
+        protocol = await self._counted_open(
+            lambda: UpstreamConnection(self, host), host, ALPN_HTTP1, plain=plain
+        )
+        connection = cast(UpstreamConnection, protocol)
+        connection.session_pending = self.config.mtls is not None
+        return connection
+
+    async def _counted_open(
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        host: HostState,
+        alpn: tuple[str, ...],
+        *,
+        plain: bool = False,
+    ) -> asyncio.Protocol:
+        """`open` within the connect timeout, counted against max_connections from the
+        start; a failure (or the request giving up) gives the slot back."""
         self.connections += 1
         self.stats.cx_total += 1
         self.stats.cx_active += 1
         name, port = host.address
         try:
             async with asyncio.timeout(self.config.connect_timeout or None):
-                _, protocol = await self.open(
-                    lambda: UpstreamConnection(self, host), host, ALPN_HTTP1, plain=plain
-                )
-        except ConnectFailure:
+                _, protocol = await self.open(factory, host, alpn, plain=plain)
+        except (ConnectFailure, TimeoutError, asyncio.CancelledError) as error:
             self.connections -= 1
             self.stats.cx_active -= 1
-            self.stats.cx_connect_fail += 1
+            self.stats.cx_connect_fail += not isinstance(error, asyncio.CancelledError)
             self._wake()
+            if isinstance(error, TimeoutError):
+                raise ConnectFailure(f"{name}:{port}: connect timeout") from None
             raise
-        except TimeoutError:
-            self.connections -= 1
-            self.stats.cx_active -= 1
-            self.stats.cx_connect_fail += 1
-            self._wake()
-            raise ConnectFailure(f"{name}:{port}: connect timeout") from None
-        connection = cast(UpstreamConnection, protocol)
-        connection.session_pending = self.config.mtls is not None
-        return connection
+        return protocol
 
     async def open(
         self,
@@ -496,10 +591,11 @@ class ClusterRuntime:
         address = self.resolver.resolve(name)
         loop = asyncio.get_running_loop()
         mtls = self.config.mtls
+        local = local_address(self.source_address, address)
         try:
             if mtls is not None:
                 return await (self.tls or TlsManager(None)).connect(
-                    factory, address, port, mtls, alpn, self.ssl_stats()
+                    factory, address, port, mtls, alpn, self.ssl_stats(), local_addr=local
                 )
             tls = None
             server_hostname = None
@@ -509,7 +605,12 @@ class ClusterRuntime:
                 tls = self._ssl
                 server_hostname = self.config.tls_sni or name
             transport, protocol = await loop.create_connection(
-                factory, address, port, ssl=tls, server_hostname=server_hostname
+                factory,
+                address,
+                port,
+                ssl=tls,
+                server_hostname=server_hostname,
+                local_addr=local,
             )
             return transport, protocol
         except (OSError, ssl.SSLError, TlsError) as error:
@@ -568,12 +669,21 @@ class ClusterRuntime:
 class ClusterManager:
     """The live clusters, kept in step with each snapshot."""
 
-    def __init__(self, stats: Stats, resolver: Resolver, tls: TlsManager | None = None) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        resolver: Resolver,
+        tls: TlsManager | None = None,
+        source_address: str = "",
+    ) -> None:
         self.stats = stats
         self.resolver = resolver
         # the proxy's certificates for clusters that originate mTLS (set before the first
         # snapshot: main.py); without, those clusters fail to connect, saying why
         self.tls = tls
+        # where upstream connections leave from (Envoy's upstream_bind_config; set before the
+        # first snapshot: main.py); empty: the kernel's choice
+        self.source_address = source_address
         self.clusters: dict[str, ClusterRuntime] = {}
 
     def apply(
@@ -597,6 +707,7 @@ class ClusterManager:
                     ssl_stats=functools.partial(
                         self.stats.protocol_stats, "ssl", f"cluster.{name}"
                     ),
+                    source_address=self.source_address,
                 )
             else:
                 runtime.update(config, members)

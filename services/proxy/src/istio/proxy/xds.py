@@ -103,7 +103,10 @@ def _protobuf_classes() -> dict[str, Any]:
 
 
 class XdsState:
-    def __init__(self) -> None:
+    def __init__(self, checks: Mapping[str, Callable[[Any], None]] | None = None) -> None:
+        """`checks`: by type, what must hold of each compiled resource beyond the resource
+        itself (the files a listener's TLS names load): raises CompileError to NACK."""
+        self.checks = dict(checks or {})
         self.types: dict[str, TypeState] = {url: TypeState() for url in SHORT_NAMES}
         self.received: set[str] = set()
         self.nacks = 0
@@ -117,6 +120,7 @@ class XdsState:
             return f"unsupported resource type {type_url}"
         raw: dict[str, bytes] = {}
         compiled: dict[str, Any] = {}
+        check = self.checks.get(type_url)
         try:
             for packed in resources:
                 if packed.type_url != type_url:
@@ -126,6 +130,8 @@ class XdsState:
                 if name in raw:
                     return f"duplicate {SHORT_NAMES[type_url]} resource {name!r}"
                 compiled[name] = _COMPILERS[type_url](message)
+                if check is not None:
+                    check(compiled[name])
                 raw[name] = packed.value
         except compile.CompileError as error:
             self.nacks += 1

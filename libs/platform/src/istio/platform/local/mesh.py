@@ -160,13 +160,16 @@ class LocalMesh:
             await store.close()
 
     async def write_mixer_defaults(self) -> None:
-        """0.2's default telemetry (metrics and access log) into the store, unless the user
-        already has objects of those names."""
+        """0.2's default telemetry (metrics and access log) and its attribute producer (the
+        `kubernetes` handler, here reading the registry this platform writes) into the store,
+        unless the user already has objects of those names."""
         if not MIXER_DEFAULTS.is_dir():
             raise StartError(f"{MIXER_DEFAULTS}: missing; the local platform runs from a checkout")
+        sources = [(path.read_text(), str(path)) for path in sorted(MIXER_DEFAULTS.glob("*.yaml"))]
+        sources.append((mixer_producer(self.layout), "the local platform's kubernetes handler"))
         configs = []
-        for path in sorted(MIXER_DEFAULTS.glob("*.yaml")):
-            found, problems = parse_documents(path.read_text(), str(path))
+        for text, source in sources:
+            found, problems = parse_documents(text, source)
             if problems:
                 raise StartError("\n".join(str(p) for p in problems))
             configs += found
@@ -606,12 +609,26 @@ class LocalMesh:
         )
 
 
+def mixer_producer(layout: Layout) -> str:
+    """The `kubernetes` handler (0.2's attribute producer) over the ServiceEntry files of
+    `layout`'s registry: Mixer fills source/destination labels, service, namespace and service
+    account from source.ip and destination.ip (each workload calls from its own address)."""
+    document = {
+        "apiVersion": "config.istio.io/v1alpha2",
+        "kind": "kubernetes",
+        "metadata": {"name": "handler", "namespace": "istio-system"},
+        "spec": {"registry": f"file:{layout.registry_dir.resolve()}"},
+    }
+    return yaml.safe_dump(document, sort_keys=False)
+
+
 def agent_argv(
     layout: Layout, kind: str, ip: str, node_id: str, name: str, *extra: str
 ) -> list[str]:
-    """`pilot-agent proxy KIND` bound to `ip`, logging to $MESH_DIR/logs/NAME-access.log; with
-    mTLS, reading the certificates the node agent keeps in $MESH_DIR/certs/<NAME less
-    -sidecar>."""
+    """`pilot-agent proxy KIND` bound to `ip` (its upstream connections leave from there too,
+    as from a pod's address: peers and Mixer see which workload calls), logging to
+    $MESH_DIR/logs/NAME-access.log; with mTLS, reading the certificates the node agent keeps
+    in $MESH_DIR/certs/<NAME less -sidecar>."""
     certs = (
         ["--cert-dir", str(layout.cert_dir(name.removesuffix("-sidecar")).resolve())]
         if layout.mtls
@@ -624,6 +641,8 @@ def agent_argv(
         "--discovery-address",
         layout.pilot_grpc,
         "--bind-address",
+        ip,
+        "--source-address",
         ip,
         "--node-id",
         node_id,

@@ -13,7 +13,16 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.wrappers_pb2 import UInt32Value
 
 from istio.api.proxy.v1.config import dest_policy_pb2
-from istio.model import Labels, Port, Protocol, Proxy, Resolution, Service, ServiceInstance
+from istio.model import (
+    AuthPolicy,
+    Labels,
+    Port,
+    Protocol,
+    Proxy,
+    Resolution,
+    Service,
+    ServiceInstance,
+)
 from istio.model.service import Direction, cluster_name
 from istio.pilot.xds import common
 from istio.pilot.xds.index import MeshIndex, egress_rule, policy_for
@@ -56,16 +65,16 @@ def _service_cluster(
     proxyless: bool,
 ) -> cluster_pb2.Cluster:
     name = cluster_name(Direction.OUTBOUND, port.port, service.hostname, labels)
-    mesh = index.snapshot.mesh
-    mtls = mesh.auth_policy == mesh.AuthPolicy.MUTUAL_TLS
+    mtls = common.auth_policy(index.snapshot.mesh, port) is AuthPolicy.MUTUAL_TLS
     cluster = cluster_pb2.Cluster(
         name=name,
         connect_timeout=common.copy_duration(index.snapshot.mesh.connect_timeout),
     )
     if mtls and not service.mesh_external:
         # What the sidecar's TLS origination reads (the CA issue): mesh services speak mTLS
-        # when the mesh says so; external ones never do. Only set when true: every proxy
-        # decodes every cluster, and the service, port and labels are in the name already.
+        # when the mesh (or the service port's auth.istio.io annotation) says so; external
+        # ones never do. Only set when true: every proxy decodes every cluster, and the
+        # service, port and labels are in the name already.
         # The identities the service's workloads run as: the proxy checks the server's
         # certificate names one of them (0.2's verify_subject_alt_name).
         fields: dict[str, object] = {"mtls": True}

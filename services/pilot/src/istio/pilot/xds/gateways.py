@@ -1,7 +1,22 @@
-"""Ingress and egress gateways: the proxy at the mesh's edge (`ingress~` and `egress~` nodes)."""
+"""Ingress and egress gateways: the proxy at the mesh's edge (`ingress~` and `egress~` nodes).
+
+Ingress ports. An IngressRule is served on its `port`; without one, on 80, and, when it names
+a `tls_secret`, on 443 over TLS as well (0.2's istio-ingress served every rule on 80 and the
+rules with a secret on 443 too; Kubernetes Ingresses with a `tls:` block become such rules).
+A port where any rule names a secret is a TLS port: every rule on it is served over TLS, with
+the certificate the client's SNI picks: the secret of the rules matching that host (their
+exact `authority`), else the default one (the secret of rules for any host, else the lowest
+secret name, as 0.2 chose among several). A secret is read from files the ingress proxy has
+mounted: `<ingress certs dir>/<secret>/tls.crt` and `tls.key`, except 0.2's one secret,
+`istio-ingress-certs`, whose files sit in the directory itself (0.2 mounted it at
+/etc/istio/ingress-certs).
+"""
 
 from __future__ import annotations
 
+import posixpath
+import re
+from collections.abc import Sequence
 from typing import cast
 
 from envoy.config.listener.v3 import listener_pb2
@@ -19,28 +34,115 @@ from istio.pilot.xds.routes import route_match, service_routes
 
 EGRESS_ROUTE_CONFIG = "egress"
 DEFAULT_GATEWAY_PORT = 80
+DEFAULT_TLS_PORT = 443
+DEFAULT_INGRESS_CERTS_DIR = "/etc/istio/ingress-certs"
+# 0.2's secret: its tls.crt and tls.key sit directly in the certs directory.
+LEGACY_INGRESS_SECRET = "istio-ingress-certs"
+CERT_FILE = "tls.crt"
+KEY_FILE = "tls.key"
+# What the TLS listener accepts by ALPN: HTTP/2 first (browsers, gRPC clients), then 1.1.
+INGRESS_ALPN = ("h2", "http/1.1")
+# A Kubernetes secret name (a DNS-1123 subdomain): anything else could name a path elsewhere.
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def _ingress_rule(config: Config) -> ingress_rule_pb2.IngressRule:
     return cast(ingress_rule_pb2.IngressRule, config.spec)
 
 
+def tls_secret(rule: ingress_rule_pb2.IngressRule) -> str:
+    """The rule's secret, "" when it has none or one that is not a secret's name (the config
+    check refuses those; this keeps them from naming files outside the certs directory)."""
+    secret = rule.tls_secret
+    return secret if len(secret) <= 253 and _SECRET_NAME.match(secret) else ""
+
+
+def rule_ports(rule: ingress_rule_pb2.IngressRule) -> tuple[int, ...]:
+    """The ports a rule is served on (see the module's docstring)."""
+    if rule.port:
+        return (rule.port,)
+    if tls_secret(rule):
+        return (DEFAULT_GATEWAY_PORT, DEFAULT_TLS_PORT)
+    return (DEFAULT_GATEWAY_PORT,)
+
+
 def ingress_ports(index: MeshIndex) -> list[int]:
     return sorted(
         {
-            _ingress_rule(c).port or DEFAULT_GATEWAY_PORT
+            port
             for c in index.snapshot.of_kind("IngressRule")
+            for port in rule_ports(_ingress_rule(c))
         }
     )
 
 
+def ingress_tls_ports(index: MeshIndex) -> list[int]:
+    """The ingress ports served over TLS: those where a rule names a secret."""
+    return sorted(
+        {
+            rule.port or DEFAULT_TLS_PORT
+            for rule in map(_ingress_rule, index.snapshot.of_kind("IngressRule"))
+            if tls_secret(rule)
+        }
+    )
+
+
+def secret_files(certs_dir: str, secret: str) -> tuple[str, str]:
+    """The certificate chain and key files of a secret, as the ingress proxy mounts them."""
+    base = certs_dir if secret == LEGACY_INGRESS_SECRET else posixpath.join(certs_dir, secret)
+    return posixpath.join(base, CERT_FILE), posixpath.join(base, KEY_FILE)
+
+
+def _sni_host(rule: ingress_rule_pb2.IngressRule) -> str:
+    """The host a rule serves, as a TLS server name: its exact `authority` match without a
+    port, lowercase; "" when it serves any host (or one SNI cannot name)."""
+    if not rule.HasField("match"):
+        return ""
+    authority = rule.match.request.headers.get("authority")
+    if authority is None or authority.WhichOneof("match_type") != "exact":
+        return ""
+    host = authority.exact.strip().lower()
+    if host.startswith("["):
+        return ""  # an IP literal: clients send no SNI for those
+    return host.rpartition(":")[0] if host.rpartition(":")[2].isdigit() else host
+
+
+def ingress_certificates(index: MeshIndex, port: int) -> tuple[dict[str, str], str]:
+    """For a TLS port: the secret by server name, and the default secret (see the module's
+    docstring). Where rules for one host name different secrets, the lowest name wins."""
+    by_host: dict[str, str] = {}
+    for config in index.snapshot.of_kind("IngressRule"):
+        rule = _ingress_rule(config)
+        secret = tls_secret(rule)
+        if not secret or port not in rule_ports(rule):
+            continue
+        host = _sni_host(rule) or "*"
+        if host not in by_host or secret < by_host[host]:
+            by_host[host] = secret
+    default = by_host.pop("*", None) or min(by_host.values())
+    return by_host, default
+
+
+def ingress_tls_chains(
+    index: MeshIndex, port: int, certs_dir: str
+) -> list[tuple[Sequence[str], str, str]]:
+    """(server names, cert file, key file) per secret, in name order, then the default."""
+    by_host, default = ingress_certificates(index, port)
+    hosts_of: dict[str, list[str]] = {}
+    for host, secret in sorted(by_host.items()):
+        hosts_of.setdefault(secret, []).append(host)
+    chains: list[tuple[Sequence[str], str, str]] = [
+        (hosts, *secret_files(certs_dir, secret)) for secret, hosts in sorted(hosts_of.items())
+    ]
+    chains.append(((), *secret_files(certs_dir, default)))
+    return chains
+
+
 def ingress_route_configuration(index: MeshIndex, port: int) -> route_pb2.RouteConfiguration:
     """IngressRules for a port, highest precedence first, each to its destination service
-    port; requests no rule matches get 404."""
+    port; requests no rule matches get 404. A TLS port's routes are made the same way."""
     rules = [
-        c
-        for c in index.snapshot.of_kind("IngressRule")
-        if (_ingress_rule(c).port or DEFAULT_GATEWAY_PORT) == port
+        c for c in index.snapshot.of_kind("IngressRule") if port in rule_ports(_ingress_rule(c))
     ]
     rules.sort(key=lambda c: (-_ingress_rule(c).precedence, c.meta.namespace, c.meta.name))
     routes: list[rc.Route] = []
@@ -103,16 +205,26 @@ def _narrowed(outer: rc.RouteMatch, inner: rc.RouteMatch) -> rc.RouteMatch:
     return match
 
 
-def ingress_listeners(index: MeshIndex) -> list[listener_pb2.Listener]:
-    return [
-        listeners.gateway_listener(
-            f"ingress_{port}",
-            port,
-            f"ingress_{port}",
-            tracing=tracing.connection_manager_tracing(index.snapshot.mesh),
-        )
-        for port in ingress_ports(index)
-    ]
+def ingress_listeners(
+    index: MeshIndex, certs_dir: str = DEFAULT_INGRESS_CERTS_DIR
+) -> list[listener_pb2.Listener]:
+    """A listener per ingress port, named as its route configuration (`ingress_<port>`);
+    on TLS ports with a chain per certificate, chosen by SNI."""
+    trace = tracing.connection_manager_tracing(index.snapshot.mesh)
+    tls_ports = set(ingress_tls_ports(index))
+    found = []
+    for port in ingress_ports(index):
+        name = f"ingress_{port}"
+        if port in tls_ports:
+            chains = ingress_tls_chains(index, port, certs_dir)
+            found.append(
+                listeners.tls_gateway_listener(
+                    name, port, name, chains, INGRESS_ALPN, tracing=trace
+                )
+            )
+        else:
+            found.append(listeners.gateway_listener(name, port, name, tracing=trace))
+    return found
 
 
 def egress_route_configuration(index: MeshIndex) -> route_pb2.RouteConfiguration:

@@ -23,7 +23,14 @@ from istio.pilot.xds.index import MeshIndex, index_of, instances_key
 from istio.pilot.xds.resources import Part
 
 
-def generate(snapshot: MeshSnapshot, proxy: Proxy) -> resources.Resources:
+def generate(
+    snapshot: MeshSnapshot,
+    proxy: Proxy,
+    *,
+    ingress_certs_dir: str = gateways.DEFAULT_INGRESS_CERTS_DIR,
+) -> resources.Resources:
+    """`ingress_certs_dir`: where the ingress proxy finds the TLS secrets IngressRules name
+    (pilot-discovery --ingress-certs-dir)."""
     index = index_of(snapshot)
     instances = index.proxy_instances(proxy)
     rules_key = instances_key(instances) if index.rules_use_source else None
@@ -69,7 +76,11 @@ def generate(snapshot: MeshSnapshot, proxy: Proxy) -> resources.Resources:
             )
         )
         shared[resources.LISTENER].append(
-            _part(index, ("ingress", "lds"), lambda: list(gateways.ingress_listeners(index)))
+            _part(
+                index,
+                ("ingress", "lds", ingress_certs_dir),
+                lambda: list(gateways.ingress_listeners(index, ingress_certs_dir)),
+            )
         )
         shared[resources.ROUTE].append(
             _part(
@@ -195,8 +206,9 @@ def _sidecar(
             ],
         )
     )
-    # A proxy's own inbound clusters and listeners depend on it, its instances and the mesh
-    # config alone: kept per proxy, and carried across rule changes (istio.pilot.xds.index).
+    # A proxy's own inbound clusters and listeners depend on it, its instances, the mesh
+    # config and the QuotaSpecs (and bindings) alone: kept per proxy, and carried across
+    # routing rule changes (istio.pilot.xds.index).
     own_key = (proxy.node_id, tuple(sorted(proxy.metadata.items())))
     own[resources.CLUSTER] = index.cached(
         ("inbound-cds", own_key), lambda: list(cds.inbound_clusters(index, proxy, instances))

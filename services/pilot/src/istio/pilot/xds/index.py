@@ -20,7 +20,7 @@ from istio.api.proxy.v1.config import dest_policy_pb2, egress_rule_pb2, route_ru
 from istio.config import Config
 from istio.model import Labels, Proxy, Resolution, Service, ServiceInstance
 from istio.model.service import DEFAULT_DOMAIN, parse_cluster_name
-from istio.pilot.mesh import MeshSnapshot
+from istio.pilot.mesh import MIXER_CLIENT_KINDS, MeshSnapshot
 
 
 def destination_host(service: route_rule_pb2.IstioService, namespace: str) -> str:
@@ -164,8 +164,10 @@ def _carry_over(previous: MeshIndex, index: MeshIndex) -> None:
         service = new.services.get(host)
         if service is None or service.resolution is not Resolution.STATIC:
             everything = False
-    # A proxy's own inbound outputs read only it, its instances and the mesh config.
-    inbound = same_services and same_mesh and not changed
+    # A proxy's own inbound outputs read only it, its instances, the mesh config and the
+    # quota specs bound to its services (istio.pilot.mesh.MIXER_CLIENT_KINDS).
+    same_quotas = all(old.of_kind(kind) == new.of_kind(kind) for kind in MIXER_CLIENT_KINDS)
+    inbound = same_services and same_mesh and same_quotas and not changed
     rebuilt: set[str] = set()
     for key, messages in previous.shared.items():
         if isinstance(key, tuple) and key[:1] == ("eds",):

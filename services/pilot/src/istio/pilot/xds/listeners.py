@@ -13,15 +13,19 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from envoy.extensions.filters.network.mongo_proxy.v3 import mongo_proxy_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from google.protobuf import json_format
 
+from istio.api.mixer.v1.config.client import quota_pb2
 from istio.config.duration import parse_duration
 from istio.model import Labels, Protocol, Proxy, ServiceInstance
-from istio.model.service import Direction, Port, cluster_name
+from istio.model.service import DEFAULT_DOMAIN, Direction, Port, cluster_name
 from istio.pilot.xds import common
 from istio.pilot.xds import tracing as trace_settings
 from istio.pilot.xds.index import MeshIndex, destination_policy, egress_rule, policy_for
@@ -125,9 +129,14 @@ def tcp_chain(
 
 def virtual_listener(index: MeshIndex) -> listener_pb2.Listener:
     """Port 15001: captured connections are handed to the listener for their original
-    destination; anything else finds no route (0.2 blocked unknown external traffic)."""
-    port = index.snapshot.mesh.proxy_listen_port or 15001
-    return listener_pb2.Listener(
+    destination; anything else finds no route (0.2 blocked unknown external traffic).
+
+    With Mixer in the mesh its metadata says `mixer_forward_attributes`: the sidecar then
+    tells the server sidecar its own source attributes on every outbound request (0.2's
+    forward_attributes; the values are the proxy's own, so these listeners stay shared)."""
+    mesh = index.snapshot.mesh
+    port = mesh.proxy_listen_port or 15001
+    listener = listener_pb2.Listener(
         name=VIRTUAL_LISTENER,
         address=common.socket_address("0.0.0.0", port),
         use_original_dst={"value": True},
@@ -142,6 +151,9 @@ def virtual_listener(index: MeshIndex) -> listener_pb2.Listener:
             common.TCP_PROXY, _tcp_proxy(BLACKHOLE_CLUSTER, BLACKHOLE_CLUSTER)
         ),
     )
+    if mesh.mixer_address:
+        listener.metadata.CopyFrom(common.istio_metadata({"mixer_forward_attributes": True}))
+    return listener
 
 
 def outbound_ports(index: MeshIndex) -> list[int]:
@@ -201,6 +213,37 @@ def outbound_listeners(index: MeshIndex) -> list[listener_pb2.Listener]:
     return listeners
 
 
+def quota_specs(index: MeshIndex, instance: ServiceInstance) -> list[dict[str, Any]]:
+    """The QuotaSpecs (as JSON) that QuotaSpecBindings bind to the instance's service (and, when
+    a binding's service names labels, to instances with those labels), in binding order
+    (namespace, name), each once. A reference to a spec that does not exist binds nothing."""
+    specs = {(c.meta.namespace, c.meta.name): c.spec for c in index.snapshot.of_kind("QuotaSpec")}
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for config in index.snapshot.of_kind("QuotaSpecBinding"):
+        binding = config.spec
+        assert isinstance(binding, quota_pb2.QuotaSpecBinding)
+        namespace = config.meta.namespace
+        if not any(
+            _quota_host(service, namespace) == instance.service.hostname
+            and instance.labels.matches(service.labels)
+            for service in binding.services
+        ):
+            continue
+        for reference in binding.quota_specs:
+            key = (reference.namespace or namespace, reference.name)
+            spec = specs.get(key)
+            if spec is not None and key not in found:
+                found[key] = json_format.MessageToDict(spec)
+    return list(found.values())
+
+
+def _quota_host(service: quota_pb2.IstioService, namespace: str) -> str:
+    """The hostname a binding's IstioService names (its namespace defaults to the binding's)."""
+    if service.service:
+        return service.service
+    return f"{service.name}.{service.namespace or namespace}.{service.domain or DEFAULT_DOMAIN}"
+
+
 def inbound_listeners(
     index: MeshIndex, proxy: Proxy, instances: Sequence[ServiceInstance]
 ) -> list[listener_pb2.Listener]:
@@ -208,7 +251,11 @@ def inbound_listeners(
 
     With iptables capture they are not bound (traffic arrives through 15001); without it
     (INTERCEPTION_MODE=NONE, the local platform) the sidecar binds them on its own IP.
-    Their metadata carries what the Mixer filter reports about the destination.
+    Their metadata carries what the Mixer filter reports about the destination, the
+    QuotaSpecs bound to it (what each request is charged in Check), and the service port's
+    auth policy (the mesh's, or its auth.istio.io annotation's), from which
+    the proxy terminates mutual TLS. When services share an endpoint port, the listener
+    follows the first (by hostname), as its Mixer attributes do.
     """
     bind = proxy.metadata.get("INTERCEPTION_MODE", "REDIRECT").upper() == "NONE"
     mesh = index.snapshot.mesh
@@ -218,6 +265,24 @@ def inbound_listeners(
     listeners = []
     for port, instance in sorted(by_port.items()):
         cluster = cluster_name(Direction.INBOUND, port, instance.service.hostname)
+        mixer: dict[str, Any] = {
+            "address": mesh.mixer_address,
+            "disable_policy_checks": mesh.disable_policy_checks,
+            "attributes": {
+                "destination.service": instance.service.hostname,
+                "destination.ip": proxy.ip,
+                # 0.2's: the workload's pod, as Mixer's Kubernetes adapter names it (the
+                # calling sidecar sends its own as source.uid)
+                "destination.uid": f"kubernetes://{proxy.id}",
+                "destination.port": port,
+                "destination.labels": dict(instance.labels),
+                "destination.user": instance.service_account,
+                "destination.namespace": instance.service.namespace,
+            },
+        }
+        specs = quota_specs(index, instance)
+        if specs:
+            mixer["quota_specs"] = specs
         if instance.service_port.protocol.is_http:
             route_config = route_pb2.RouteConfiguration(
                 name=f"inbound|{port}",
@@ -261,19 +326,8 @@ def inbound_listeners(
                 filter_chains=[chain],
                 metadata=common.istio_metadata(
                     {
-                        "mixer": {
-                            "address": mesh.mixer_address,
-                            "disable_policy_checks": mesh.disable_policy_checks,
-                            "attributes": {
-                                "destination.service": instance.service.hostname,
-                                "destination.ip": proxy.ip,
-                                "destination.port": port,
-                                "destination.labels": dict(instance.labels),
-                                "destination.user": instance.service_account,
-                                "destination.namespace": instance.service.namespace,
-                            },
-                        },
-                        "auth_policy": mesh.AuthPolicy.Name(mesh.auth_policy),
+                        "mixer": mixer,
+                        "auth_policy": common.auth_policy(mesh, instance.service_port).value,
                         "mtls_permissive": mesh.mtls_permissive,
                         "protocol": instance.service_port.protocol.value,
                     }
@@ -303,4 +357,51 @@ def gateway_listener(
                 connection_manager(name, rds=route_config, gateway=True, tracing=tracing),
             )
         ],
+    )
+
+
+def tls_gateway_listener(
+    name: str,
+    port: int,
+    route_config: str,
+    certificates: Sequence[tuple[Sequence[str], str, str]],
+    alpn: Sequence[str],
+    tracing: hcm.HttpConnectionManager.Tracing | None = None,
+) -> listener_pb2.Listener:
+    """A gateway's bound HTTPS listener: TLS terminated with the certificate the client's SNI
+    names. `certificates` holds (server names, certificate chain file, private key file); the
+    entry without server names is the default chain, for clients that send no SNI or a name
+    no other entry has. Every chain serves the same routes; no client certificate is asked
+    for."""
+    manager = connection_manager(name, rds=route_config, gateway=True, tracing=tracing)
+    chains = []
+    for server_names, cert_chain, private_key in certificates:
+        chain = _chain(common.HTTP_CONNECTION_MANAGER, manager)
+        if server_names:
+            chain.filter_chain_match.server_names.extend(server_names)
+        context = tls_pb2.DownstreamTlsContext(
+            common_tls_context=tls_pb2.CommonTlsContext(
+                tls_certificates=[
+                    common_pb2.TlsCertificate(
+                        certificate_chain=base_pb2.DataSource(filename=cert_chain),
+                        private_key=base_pb2.DataSource(filename=private_key),
+                    )
+                ],
+                alpn_protocols=list(alpn),
+            )
+        )
+        chain.transport_socket.name = common.TLS_TRANSPORT
+        chain.transport_socket.typed_config.Pack(context)
+        chains.append(chain)
+    return listener_pb2.Listener(
+        name=name,
+        address=common.socket_address("0.0.0.0", port),
+        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+        listener_filters=[
+            listener_components_pb2.ListenerFilter(
+                name=common.TLS_INSPECTOR,
+                typed_config=common.packed(tls_inspector_pb2.TlsInspector()),
+            )
+        ],
+        filter_chains=chains,
     )

@@ -44,6 +44,7 @@ from istio.pilot.registry import Change, ChangeCallback, RegistrySnapshot, Regis
 from istio.pilot.registry.kube.conversion import (
     ObjectKey,
     PodIndex,
+    auth_annotation_problems,
     convert_service,
     endpoint_ips,
     node_locality,
@@ -136,6 +137,9 @@ class KubeRegistry:
         self._resources = [SERVICES, ENDPOINTS, PODS, NODES]
         self._state = _State()
         self._converted: dict[ObjectKey, Converted] = {}
+        # What was logged last about each Service's auth.istio.io annotations: logged again
+        # only when it changes, not at every conversion (Endpoints and Pod events).
+        self._auth_problems: dict[ObjectKey, tuple[str, ...]] = {}
         self._interrupted: dict[Resource, str] = {}
         self._snapshot = RegistrySnapshot()
         self._board = StatusBoard()
@@ -214,7 +218,13 @@ class KubeRegistry:
     def _convert(self, key: ObjectKey) -> Converted | None:
         service = self._state.services.get(key)
         if service is None:
+            self._auth_problems.pop(key, None)
             return None
+        problems = auth_annotation_problems(service)
+        if problems != self._auth_problems.get(key, ()):
+            for problem in problems:
+                log.warning("%s: %s", self.name, problem)
+            _put(self._auth_problems, key, problems or None)
         return convert_service(
             service,
             self._state.endpoints.get(key),
@@ -225,6 +235,11 @@ class KubeRegistry:
 
     def _convert_all(self) -> Change | None:
         before = self._snapshot
+        self._auth_problems = {
+            key: problems
+            for key, problems in self._auth_problems.items()
+            if key in self._state.services
+        }
         self._converted = {
             key: converted
             for key in self._state.services

@@ -15,7 +15,10 @@ After Istio 0.2's pilot/platform/kube/conversion.go:
 - the identities callers verify under mutual TLS (Service.service_accounts) are the SPIFFE
   identities of the instances' service accounts plus those the service's annotations name
   (`alpha.istio.io/kubernetes-serviceaccounts`, `alpha.istio.io/canonical-serviceaccounts`), as
-  0.2's GetIstioServiceAccounts did.
+  0.2's GetIstioServiceAccounts did;
+- the annotation `auth.istio.io/<port number>: NONE | MUTUAL_TLS` overrides the mesh's
+  authPolicy for that port (istio.pilot.registry.auth); `auth_annotation_problems` says what
+  is wrong with such annotations, which are ignored.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from istio.model import (
     spiffe_identity,
 )
 from istio.model.service import DEFAULT_DOMAIN, service_hostname
+from istio.pilot.registry.auth import port_auth_policies
 
 JSON = Mapping[str, Any]
 ObjectKey = tuple[str, str]  # (namespace, name)
@@ -134,7 +138,8 @@ def convert_service(
     Service and its instances, sorted by service port, address and port."""
     meta, spec = _mapping(service.get("metadata")), _mapping(service.get("spec"))
     namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
-    ports = tuple(_port(p) for p in spec.get("ports") or () if isinstance(p, Mapping))
+    annotations = _strings(meta.get("annotations"))
+    ports, _ = _annotated_ports(service)
     external_name = (
         str(spec.get("externalName") or "") if spec.get("type") == "ExternalName" else ""
     )
@@ -154,7 +159,6 @@ def convert_service(
     accounts = {
         spiffe_identity(namespace, e.service_account) for e in endpoints_found if e.service_account
     }
-    annotations = _strings(meta.get("annotations"))
     accounts.update(
         spiffe_identity(namespace, account)
         for account in _listed(annotations.get(KUBE_SERVICE_ACCOUNTS, ""))
@@ -175,6 +179,21 @@ def convert_service(
     )
     return converted, tuple(
         sorted(instances, key=lambda i: (i.service_port.port, i.address, i.port))
+    )
+
+
+def auth_annotation_problems(service: JSON) -> tuple[str, ...]:
+    """What is wrong with a Service's `auth.istio.io/<port>` annotations (each message names
+    the Service and the annotation); convert_service ignores those annotations."""
+    return _annotated_ports(service)[1]
+
+
+def _annotated_ports(service: JSON) -> tuple[tuple[Port, ...], tuple[str, ...]]:
+    meta, spec = _mapping(service.get("metadata")), _mapping(service.get("spec"))
+    ports = tuple(_port(p) for p in spec.get("ports") or () if isinstance(p, Mapping))
+    namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+    return port_auth_policies(
+        ports, _strings(meta.get("annotations")), f"Service {namespace}/{name}"
     )
 
 

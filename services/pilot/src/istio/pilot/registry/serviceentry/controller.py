@@ -9,7 +9,8 @@ rebuilds its snapshot with the pure conversion module and reports the kind of ch
 Files that do not parse or validate never reach the snapshot: FileStore keeps them out (a file
 that turns bad keeps its last good objects) and lists what is wrong, with file, document,
 object and field, in `FileStore.problems`; the registry shows those in `status.last_error`,
-with hosts that entries define in conflicting ways. A file turning bad (or good again) changes
+with hosts that entries define in conflicting ways and `auth.istio.io/<port>` annotations it
+ignored (those are logged too, once each). A file turning bad (or good again) changes
 no object, so no watch event tells of it: FileStore calls the registry back with its new
 problems instead.
 """
@@ -39,6 +40,7 @@ class ServiceEntryRegistry:
         self._directory = directory
         self._configs: dict[ConfigKey, Config] = {}
         self._clashes: tuple[str, ...] = ()
+        self._annotation_problems: tuple[str, ...] = ()
         self._failure = ""
         self._snapshot = RegistrySnapshot()
         self._board = StatusBoard()
@@ -105,14 +107,21 @@ class ServiceEntryRegistry:
         conversion = build_snapshot(self._configs.values())
         change = conversion.snapshot.change_from(self._snapshot)
         self._snapshot, self._clashes = conversion.snapshot, conversion.clashes
+        for problem in conversion.annotation_problems:
+            if problem not in self._annotation_problems:
+                log.warning("%s: %s", self.name, problem)
+        self._annotation_problems = conversion.annotation_problems
         change = self._board.published(change, last_error=self._describe(store.problems))
         report(self._changed, change, self.name)
 
     def _describe(self, problems: list[Problem]) -> str:
         """What is wrong: this registry's failure, bad files (ServiceEntries or documents of
-        no known kind; other kinds are other readers' business), conflicting hosts."""
+        no known kind; other kinds are other readers' business), conflicting hosts, ignored
+        annotations."""
         shown = [str(p) for p in problems if p.kind in ("", KIND)]
-        return "; ".join(m for m in (self._failure, *shown, *self._clashes) if m)
+        return "; ".join(
+            m for m in (self._failure, *shown, *self._clashes, *self._annotation_problems) if m
+        )
 
 
 def _apply(configs: dict[ConfigKey, Config], event: ConfigEvent) -> None:

@@ -11,7 +11,10 @@ After Istio's pilot/pkg/serviceregistry/external/conversion.go:
 - DNS resolution without endpoints: each host (wildcards aside) is its own endpoint, resolved by
   the proxy, as Istio does;
 - the identities callers verify under mutual TLS (Service.service_accounts) are the entry's
-  subjectAltNames plus the SPIFFE identities of its endpoints' service accounts.
+  subjectAltNames plus the SPIFFE identities of its endpoints' service accounts;
+- the annotation `auth.istio.io/<port number>: NONE | MUTUAL_TLS` in the entry's metadata
+  overrides the mesh's authPolicy for that port of each of its hosts, as on a Kubernetes
+  Service (istio.pilot.registry.auth); a bad one is reported and ignored.
 
 Several entries may name one host (each VM of a service may register itself with its own
 entry): their endpoints are merged when they agree on the service (ports, address, location,
@@ -37,6 +40,7 @@ from istio.model import (
     spiffe_identity,
 )
 from istio.pilot.registry import RegistrySnapshot
+from istio.pilot.registry.auth import port_auth_policies
 
 KIND = "ServiceEntry"
 
@@ -50,10 +54,12 @@ _RESOLUTIONS = {
 
 @dataclass(frozen=True, slots=True)
 class Conversion:
-    """What a set of ServiceEntries means: the snapshot, and hosts defined in conflicting ways."""
+    """What a set of ServiceEntries means: the snapshot, hosts defined in conflicting ways,
+    and `auth.istio.io/<port>` annotations that were ignored."""
 
     snapshot: RegistrySnapshot
     clashes: tuple[str, ...] = ()
+    annotation_problems: tuple[str, ...] = ()
 
 
 def convert_entry(config: Config) -> list[tuple[Service, tuple[ServiceInstance, ...]]]:
@@ -63,7 +69,7 @@ def convert_entry(config: Config) -> list[tuple[Service, tuple[ServiceInstance, 
     if not isinstance(entry, _Entry):
         raise TypeError(f"{config.key} is not a ServiceEntry")
     namespace = config.meta.namespace
-    ports = tuple(Port(p.name, p.number, Protocol.parse(p.protocol)) for p in entry.ports)
+    ports, _ = _annotated_ports(config, entry)
     accounts = set(entry.subject_alt_names) | {
         spiffe_identity(namespace, e.service_account) for e in entry.endpoints if e.service_account
     }
@@ -80,6 +86,21 @@ def convert_entry(config: Config) -> list[tuple[Service, tuple[ServiceInstance, 
         )
         converted.append((service, _instances(service, entry)))
     return converted
+
+
+def auth_annotation_problems(config: Config) -> tuple[str, ...]:
+    """What is wrong with an entry's `auth.istio.io/<port>` annotations (each message names
+    the entry and the annotation); convert_entry ignores those annotations."""
+    entry = config.spec
+    if not isinstance(entry, _Entry):
+        raise TypeError(f"{config.key} is not a ServiceEntry")
+    return _annotated_ports(config, entry)[1]
+
+
+def _annotated_ports(config: Config, entry: _Entry) -> tuple[tuple[Port, ...], tuple[str, ...]]:
+    ports = tuple(Port(p.name, p.number, Protocol.parse(p.protocol)) for p in entry.ports)
+    where = f"{KIND} {config.meta.namespace}/{config.meta.name}"
+    return port_auth_policies(ports, config.meta.annotations, where)
 
 
 def _instances(
@@ -114,8 +135,10 @@ def build_snapshot(configs: Iterable[Config]) -> Conversion:
     instances: dict[str, list[ServiceInstance]] = {}
     owners: dict[str, str] = {}
     clashes: list[str] = []
+    problems: list[str] = []
     for config in sorted(configs, key=lambda c: (c.meta.namespace, c.meta.name)):
         where = f"{config.meta.namespace}/{config.meta.name}"
+        problems.extend(auth_annotation_problems(config))
         for service, found in convert_entry(config):
             host = service.hostname
             first = services.get(host)
@@ -137,6 +160,7 @@ def build_snapshot(configs: Iterable[Config]) -> Conversion:
             ),
         ),
         tuple(clashes),
+        tuple(problems),
     )
 
 
