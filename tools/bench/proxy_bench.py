@@ -28,7 +28,8 @@ Each path gets a short warm-up, then one `wrk --latency` run of --duration secon
 latency each hop adds when nothing queues). The sidecar's VmRSS is read from /proc: idle once
 configured with --services services, its peak (VmHWM) after the load runs, and every few seconds
 through a soak of --soak seconds (--full-soak: 600 s) to show it flat. CPU time of each proxy
-process over each run is reported as a share of one core.
+process over each run is reported as a share of one core. --idle-only stops after the idle RSS
+(a few seconds, no wrk run).
 
 Ratios against the targets of issue 4 (Performance): sidecar req/s >= 1.0x haproxy's with an
 added p99 (over direct) no worse than haproxy's; two sidecars >= 0.5x direct; RSS idle < 30 MB,
@@ -593,6 +594,24 @@ def report(
     return "\n".join(lines)
 
 
+def idle_report(args: argparse.Namespace, facts: dict[str, str], rss: dict[str, float]) -> str:
+    """The idle-RSS figures alone (--idle-only: no wrk run, a few seconds in all)."""
+    return "\n".join(
+        [
+            f"`tools/bench/proxy_bench.py --idle-only --services {args.services}` on"
+            f" {facts['date']}: Python {facts['python']}, kernel {facts['kernel']}.",
+            "",
+            f"| sidecar RSS idle, {args.services} services | {rss['idle']:.1f} MB |"
+            f" < {TARGETS['idle_mb']:.0f} MB | {verdict(rss['idle'] < TARGETS['idle_mb'])} |",
+            "",
+            f"Sidecar RSS: {rss['idle']:.1f} MB idle with {args.services} services,"
+            f" {rss['idle_1']:.1f} MB right after start-up config (VmHWM"
+            f" {rss['hwm_idle']:.1f} MB). The server sidecar: idle {rss['server_idle']:.1f} MB.",
+            "",
+        ]
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 
@@ -699,6 +718,8 @@ def _run(
     rss["hwm_idle"] = proc_status(client.pid, "VmHWM")
     rss["server_idle"] = proc_status(server.pid, "VmRSS")
     say(f"sidecar idle VmRSS {rss['idle']:.1f} MB with {args.services} services")
+    if args.idle_only:
+        return idle_report(args, facts, rss)
 
     paths: dict[str, tuple[str, str | None, dict[str, int]]] = {
         "direct": (f"http://{BACKEND_IP}:{BACKEND_PORT}/", None, {"backend": backend.pid}),
@@ -795,6 +816,9 @@ def main() -> None:
     parser.add_argument("--soak-interval", type=float, default=5.0)
     parser.add_argument("--access-log", default="off", help="the sidecar's (default off)")
     parser.add_argument("--markdown", type=Path, help="also write the section here")
+    parser.add_argument(
+        "--idle-only", action="store_true", help="only the idle RSS with --services (no wrk)"
+    )
     args = parser.parse_args()
     try:
         text = run(args)

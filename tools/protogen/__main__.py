@@ -1,11 +1,15 @@
 """Generate the Python code for the mesh's contracts.
 
-    python tools/protogen          regenerate libs/api/src/istio/api from proto/
+    python tools/protogen          regenerate libs/api/src/istio/api from proto/, and
+                                   services/proxy/src/istio/proxy/envoy.py
     python tools/protogen --check  fail (exit 1) when the committed output is stale
 
 protoc runs from grpcio-tools (pinned in uv.lock) with protobuf's Python generator, gRPC's
 generator and mypy-protobuf for the .pyi stubs, so the output only depends on the lock file.
-Envoy's protos are not generated here: they come from the xds-protos package.
+Envoy's protos are not generated here: they come from the xds-protos package. From their
+descriptors, envoy_gen.py writes the proxy's decoding schema (the messages and fields listed in
+envoy_subset.py) for istio.proxy.wire, so the sidecar needs neither protobuf nor Envoy's
+descriptor tree at run time.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+import envoy_gen  # type: ignore[import-not-found]
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +75,12 @@ def generate(out: Path) -> None:
 
 def differences(a: Path, b: Path) -> list[str]:
     def files(root: Path) -> set[str]:
-        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+        # Bytecode caches (an import, or compileall before measuring) are not output.
+        return {
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
 
     left, right = files(a), files(b)
     stale = sorted(left ^ right)
@@ -82,6 +92,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="tools/protogen", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="fail when the output is stale")
     options = parser.parse_args()
+    envoy = envoy_gen.source()
+    envoy_name = envoy_gen.OUTPUT.relative_to(ROOT)
+    if options.check:
+        if not envoy_gen.OUTPUT.exists() or envoy_gen.OUTPUT.read_text() != envoy:
+            print(f"protogen: {envoy_name} is stale; run `make protos`", file=sys.stderr)
+            return 1
+        print(f"protogen: {envoy_name} is current")
+    else:
+        envoy_gen.OUTPUT.write_text(envoy)
+        print(f"protogen: wrote {envoy_name}")
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh = Path(tmp) / "istio" / "api"

@@ -1,6 +1,7 @@
 """The agent's ADS stream on the proxy's own HTTP/2 codec: a real pilot-discovery pushes config
-to a real pilot-agent, which never imports grpcio (issue 4's 30 MB idle goal rules it out), and
-which keeps serving while Pilot is away and picks up config again when it is back."""
+to a real pilot-agent, which never imports grpcio (issue 4's 30 MB idle goal rules it out), nor,
+configured and idle, protobuf or the HTTP/2 data path, and which keeps serving while Pilot is
+away and picks up config again when it is back."""
 
 from __future__ import annotations
 
@@ -31,12 +32,19 @@ spec:
   endpoints:
   - {{address: 127.0.0.71, ports: {{http: 8080}}, labels: {{app: {name}}}}}
 """
-# Runs the agent as its console script does, and says at exit whether grpc was ever imported.
+# Runs the agent as its console script does, and says at exit which of the packages the idle
+# sidecar must not carry it ever imported (a JSON list): grpcio (about 10 MB), protobuf and
+# Envoy's descriptors (about 6 MB: /config_dump alone loads them), the HTTP/2 data path (loaded
+# by the first h2 client or http2 cluster) and the Mixer client (the first listener with Mixer).
 AGENT = """
-import atexit, sys
-atexit.register(
-    lambda: print("grpc imported" if "grpc" in sys.modules else "grpc absent", flush=True)
+import atexit, json, sys
+HEAVY = (
+    "grpc", "google.protobuf", "envoy", "istio.proxy.downstream_h2", "istio.proxy.upstream_h2",
+    "istio.mixerclient",
 )
+atexit.register(lambda: print(json.dumps(sorted(
+    {h for h in HEAVY for n in sys.modules if n == h or n.startswith(h + ".")}
+)), flush=True))
 from istio.proxy.main import main
 main(sys.argv[1:])
 """
@@ -186,7 +194,24 @@ async def test_ads_without_grpcio_survives_pilot_restart(mesh: Mesh) -> None:
     assert mesh.agent.stdout is not None
     out = await asyncio.wait_for(mesh.agent.stdout.read(), 30)
     assert await mesh.agent.wait() == 0
-    assert out.decode().strip().splitlines()[-1] == "grpc absent"
+    assert "grpc" not in json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def test_a_configured_idle_sidecar_imports_neither_protobuf_nor_the_http2_data_path(
+    mesh: Mesh,
+) -> None:
+    await mesh.start_pilot()
+    await mesh.start_agent()
+    await mesh.until("/ready", "LIVE")
+    info = json.loads(await mesh.until("/server_info", '"connected": true'))
+    assert info["nacks"] == 0
+    assert all(info["versions"].values()), info["versions"]
+    assert (await mesh.admin("/quitquitquit", "POST"))[0] == 200
+    assert mesh.agent is not None
+    assert mesh.agent.stdout is not None
+    out = await asyncio.wait_for(mesh.agent.stdout.read(), 30)
+    assert await mesh.agent.wait() == 0
+    assert json.loads(out.decode().strip().splitlines()[-1]) == []
 
 
 def test_proxy_modules_import_no_grpc() -> None:

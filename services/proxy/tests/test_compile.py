@@ -15,7 +15,8 @@ from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
-from istio.proxy import agent, compile
+from istio.pilot.xds import generate
+from istio.proxy import compile
 from istio.proxy.config import (
     ClusterType,
     HttpManager,
@@ -25,9 +26,9 @@ from istio.proxy.config import (
     RouteTable,
     TcpProxy,
 )
-from istio.proxy.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, XdsState
+from istio.proxy.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, XdsState, from_protobuf
 
-assert agent  # registers the descriptors of every type Pilot packs in an Any
+assert generate  # registers the descriptors of every type Pilot packs in an Any (json_format)
 GOLDEN = Path(__file__).parents[2] / "pilot" / "tests" / "golden"
 TYPES = {"cds": CLUSTER, "eds": ENDPOINT, "lds": LISTENER, "rds": ROUTE}
 
@@ -76,7 +77,7 @@ def test_every_golden_config_compiles_and_is_complete(name: str) -> None:
 
 def table(name: str, route_name: str) -> RouteTable:
     config = json_format.ParseDict(golden(name)["rds"][route_name], route_pb2.RouteConfiguration())
-    return compile.route_table(config)
+    return compile.route_table(from_protobuf(config))
 
 
 def cluster_of(table: RouteTable, authority: str, path: str = "/", **headers: str) -> str:
@@ -236,21 +237,23 @@ def test_snapshot_is_incomplete_until_referenced_routes_arrive() -> None:
 def test_weighted_clusters_and_redirects() -> None:
     route = compile.route(
         "t",
-        json_format.ParseDict(
-            {
-                "match": {"prefix": "/"},
-                "route": {
-                    "weightedClusters": {
-                        "clusters": [
-                            {"name": "a", "weight": 75},
-                            {"name": "b", "weight": 25},
-                        ]
+        from_protobuf(
+            json_format.ParseDict(
+                {
+                    "match": {"prefix": "/"},
+                    "route": {
+                        "weightedClusters": {
+                            "clusters": [
+                                {"name": "a", "weight": 75},
+                                {"name": "b", "weight": 25},
+                            ]
+                        },
+                        "timeout": "2.5s",
+                        "retryPolicy": {"retryOn": "5xx,connect-failure", "numRetries": 3},
                     },
-                    "timeout": "2.5s",
-                    "retryPolicy": {"retryOn": "5xx,connect-failure", "numRetries": 3},
                 },
-            },
-            rc.Route(),
+                rc.Route(),
+            )
         ),
     )
     action = route.action
@@ -264,9 +267,11 @@ def test_weighted_clusters_and_redirects() -> None:
     assert action.retry.on_connect_failure
     redirect = compile.route(
         "t",
-        json_format.ParseDict(
-            {"match": {"path": "/a"}, "redirect": {"hostRedirect": "b", "pathRedirect": "/c"}},
-            rc.Route(),
+        from_protobuf(
+            json_format.ParseDict(
+                {"match": {"path": "/a"}, "redirect": {"hostRedirect": "b", "pathRedirect": "/c"}},
+                rc.Route(),
+            )
         ),
     )
     assert redirect.action == Redirect(host="b", path="/c", status=301)

@@ -35,16 +35,17 @@ from cryptography.x509.oid import NameOID
 from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import any_pb2, json_format
 
-from istio.proxy import agent, compile
+from istio.pilot.xds import generate
+from istio.proxy import compile
 from istio.proxy.agent import Agent, Node
 from istio.proxy.config import DownstreamTls, SniCertificate, TlsFiles
 from istio.proxy.context import Context
 from istio.proxy.listeners import ListenerManager
 from istio.proxy.tls import SniSelector, TlsManager
-from istio.proxy.xds import LISTENER
+from istio.proxy.xds import LISTENER, from_protobuf
 from istio.testing.net import free_port
 
-assert agent  # registers the descriptors of every type Pilot packs in an Any
+assert generate  # registers the descriptors of every type Pilot packs in an Any (json_format)
 GOLDEN = Path(__file__).parents[2] / "pilot" / "tests" / "golden" / "ingress-tls.json"
 BIN = Path(sys.executable).parent
 INGRESS_IP, APP_IP = "127.0.6.1", "127.0.6.2"
@@ -127,7 +128,7 @@ def golden_listener(name: str) -> listener_pb2.Listener:
 
 
 def test_pilots_tls_listener_compiles_to_certificates_by_server_name() -> None:
-    listener = compile.listener(golden_listener("ingress_443"))
+    listener = compile.listener(from_protobuf(golden_listener("ingress_443")))
     tls = listener.tls
     assert tls is not None
     base = "/etc/istio/ingress-certs"
@@ -158,25 +159,25 @@ def test_chains_sni_picks_must_differ_in_their_certificate_alone() -> None:
     duplicate.CopyFrom(resource)
     duplicate.filter_chains[1].filter_chain_match.server_names[0] = "BOOKINFO.example.com"
     with pytest.raises(compile.CompileError, match=r"'bookinfo\.example\.com' in more than one"):
-        compile.listener(duplicate)
+        compile.listener(from_protobuf(duplicate))
 
     other_routes = listener_pb2.Listener()
     other_routes.CopyFrom(resource)
     other_routes.filter_chains[0].filters[0].name = "another"
     with pytest.raises(compile.CompileError, match="must carry the same filters"):
-        compile.listener(other_routes)
+        compile.listener(from_protobuf(other_routes))
 
     no_tls = listener_pb2.Listener()
     no_tls.CopyFrom(resource)
     no_tls.filter_chains[0].ClearField("transport_socket")
     with pytest.raises(compile.CompileError, match="server_names without TLS"):
-        compile.listener(no_tls)
+        compile.listener(from_protobuf(no_tls))
 
     # Without a chain for other names, a client naming none of them is refused.
     strict = listener_pb2.Listener()
     strict.CopyFrom(resource)
     del strict.filter_chains[-1]
-    compiled = compile.listener(strict).tls
+    compiled = compile.listener(from_protobuf(strict)).tls
     assert compiled is not None
     assert not compiled.sni_default
     assert compiled.files == compiled.sni[0].files

@@ -27,6 +27,8 @@ from istio.proxy.config import (
 from istio.proxy.context import Context
 from istio.proxy.listeners import ListenerManager
 from istio.proxy.tls import PeerIdentity
+from istio.proxy.wire import Message
+from istio.proxy.xds import from_protobuf
 from istio.testing.net import free_port
 
 NODE = "sidecar~10.1.2.3~productpage-v1.default~default.svc.cluster.local"
@@ -100,14 +102,15 @@ def test_a_tcp_connections_bag() -> None:
     assert unix["connection.mtls"] is True
 
 
-def _listener_metadata(fields: dict[str, object]) -> listener_pb2.Listener:
+def _listener_metadata(fields: dict[str, object]) -> Message:
+    """A listener with the istio metadata `fields`, as the proxy decodes it."""
     resource = listener_pb2.Listener(name="virtualOutbound")
     resource.address.socket_address.address = "0.0.0.0"
     resource.address.socket_address.port_value = 15001
     metadata = struct_pb2.Struct()
     metadata.update(fields)
     resource.metadata.filter_metadata["istio"].CopyFrom(metadata)
-    return resource
+    return from_protobuf(resource)
 
 
 def test_pilots_metadata_compiles() -> None:

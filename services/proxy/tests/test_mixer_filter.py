@@ -333,20 +333,23 @@ def _listener_with(mixer: dict[str, object]) -> object:
 
 def test_pilots_mixer_metadata_compiles_to_the_filter() -> None:
     from istio.proxy import compile
+    from istio.proxy.xds import from_protobuf
 
     found = compile.listener(
-        _listener_with(
-            {
-                "address": "istio-mixer.istio-system:9091",
-                "disable_policy_checks": True,
-                "attributes": {
-                    "destination.service": "reviews.default.svc.cluster.local",
-                    "destination.port": 9080,
-                    "destination.labels": {"version": "v2"},
-                    "destination.user": "",
-                },
-            }
-        )  # type: ignore[arg-type]
+        from_protobuf(
+            _listener_with(
+                {
+                    "address": "istio-mixer.istio-system:9091",
+                    "disable_policy_checks": True,
+                    "attributes": {
+                        "destination.service": "reviews.default.svc.cluster.local",
+                        "destination.port": 9080,
+                        "destination.labels": {"version": "v2"},
+                        "destination.user": "",
+                    },
+                }
+            )
+        )
     )
     assert found.mixer == MixerFilter(
         address="istio-mixer.istio-system:9091",
@@ -357,13 +360,14 @@ def test_pilots_mixer_metadata_compiles_to_the_filter() -> None:
             "destination.labels": {"version": "v2"},
         },
     )
-    assert compile.listener(_listener_with({"address": ""})).mixer is None  # type: ignore[arg-type]
+    assert compile.listener(from_protobuf(_listener_with({"address": ""}))).mixer is None
     with pytest.raises(compile.CompileError, match="mixer address 'mixer' is not host:port"):
-        compile.listener(_listener_with({"address": "mixer"}))  # type: ignore[arg-type]
+        compile.listener(from_protobuf(_listener_with({"address": "mixer"})))
 
 
 def test_pilots_quota_specs_compile_to_rules() -> None:
     from istio.proxy import compile
+    from istio.proxy.xds import from_protobuf
 
     spec = {
         "rules": [
@@ -375,7 +379,7 @@ def test_pilots_quota_specs_compile_to_rules() -> None:
         ]
     }
     found = compile.listener(
-        _listener_with({"address": "mixer:9091", "quota_specs": [spec]})  # type: ignore[arg-type]
+        from_protobuf(_listener_with({"address": "mixer:9091", "quota_specs": [spec]}))
     )
     assert found.mixer is not None
     always, ratings = found.mixer.quotas
@@ -389,10 +393,10 @@ def test_pilots_quota_specs_compile_to_rules() -> None:
     bad = {"rules": [{"match": [{"clause": {"request.path": {"regex": "("}}}]}]}
     with pytest.raises(compile.CompileError, match=r"quota_specs\[0\].rules\[0\].match\[0\]"):
         compile.listener(
-            _listener_with({"address": "mixer:9091", "quota_specs": [bad]})  # type: ignore[arg-type]
+            from_protobuf(_listener_with({"address": "mixer:9091", "quota_specs": [bad]}))
         )
     free = {"rules": [{"quotas": [{"quota": "requestcount", "charge": "0"}]}]}
     with pytest.raises(compile.CompileError, match="needs a quota name and a positive charge"):
         compile.listener(
-            _listener_with({"address": "mixer:9091", "quota_specs": [free]})  # type: ignore[arg-type]
+            from_protobuf(_listener_with({"address": "mixer:9091", "quota_specs": [free]}))
         )

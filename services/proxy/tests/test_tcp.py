@@ -28,6 +28,7 @@ from istio.proxy.config import (
 from istio.proxy.context import Context
 from istio.proxy.listeners import ListenerManager
 from istio.proxy.tcp import TcpConnection
+from istio.proxy.xds import from_protobuf
 
 PROXY_IP, UPSTREAM_IP = "127.0.0.62", "127.0.0.63"
 GOLDEN = Path(__file__).resolve().parents[2] / "pilot" / "tests" / "golden"
@@ -240,7 +241,9 @@ def test_pilot_tcp_listeners_compile_with_their_sniffers() -> None:
 
     document = json.loads((GOLDEN / "sidecar-reviews-v2.json").read_text())
     resource = document["lds"]["10.0.0.14_27017"]
-    listener = compile.listener(json_format.ParseDict(resource, listener_pb2.Listener()))
+    listener = compile.listener(
+        from_protobuf(json_format.ParseDict(resource, listener_pb2.Listener()))
+    )
     chain = listener.chain
     assert isinstance(chain, TcpProxy)
     assert chain.sniffer is Sniffer.MONGO
@@ -250,7 +253,9 @@ def test_pilot_tcp_listeners_compile_with_their_sniffers() -> None:
     redis["filterChains"][0]["filters"].pop(0)
     redis["filterChains"][0]["metadata"] = {"filterMetadata": {"istio": {"protocol": "REDIS"}}}
     redis["filterChains"][0]["filters"][0]["typedConfig"]["idleTimeout"] = "0s"
-    chain = compile.listener(json_format.ParseDict(redis, listener_pb2.Listener())).chain
+    chain = compile.listener(
+        from_protobuf(json_format.ParseDict(redis, listener_pb2.Listener()))
+    ).chain
     assert isinstance(chain, TcpProxy)
     assert (chain.sniffer, chain.idle_timeout) == (Sniffer.REDIS, 0.0)
     delayed = json.loads(json.dumps(resource))
@@ -259,4 +264,4 @@ def test_pilot_tcp_listeners_compile_with_their_sniffers() -> None:
         "fixedDelay": "1s",
     }
     with pytest.raises(compile.CompileError, match="delay"):
-        compile.listener(json_format.ParseDict(delayed, listener_pb2.Listener()))
+        compile.listener(from_protobuf(json_format.ParseDict(delayed, listener_pb2.Listener())))

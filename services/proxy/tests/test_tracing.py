@@ -349,6 +349,7 @@ def test_compiled_from_the_connection_managers_zipkin_tracing() -> None:
     )
 
     from istio.proxy import compile
+    from istio.proxy.xds import from_protobuf
 
     tracing = hcm.HttpConnectionManager.Tracing()
     tracing.random_sampling.value = 12.5
@@ -361,7 +362,7 @@ def test_compiled_from_the_connection_managers_zipkin_tracing() -> None:
             trace_id_128bit=True,
         )
     )
-    manager = compile.listener(_listener_with_tracing(tracing)).chain
+    manager = compile.listener(from_protobuf(_listener_with_tracing(tracing))).chain
     assert isinstance(manager, HttpManager)
     assert manager.tracing == TracingConfig(
         sampling_ppm=125_000,
@@ -370,7 +371,7 @@ def test_compiled_from_the_connection_managers_zipkin_tracing() -> None:
     )
     tracing.random_sampling.value = 101
     with pytest.raises(compile.CompileError, match="random_sampling 101"):
-        compile.listener(_listener_with_tracing(tracing))
+        compile.listener(from_protobuf(_listener_with_tracing(tracing)))
     tracing.random_sampling.value = 1
     tracing.provider.typed_config.Pack(
         zipkin_pb2.ZipkinConfig(
@@ -378,10 +379,10 @@ def test_compiled_from_the_connection_managers_zipkin_tracing() -> None:
         )
     )
     with pytest.raises(compile.CompileError, match="HTTP_JSON"):
-        compile.listener(_listener_with_tracing(tracing))
+        compile.listener(from_protobuf(_listener_with_tracing(tracing)))
     tracing.provider.typed_config.Pack(hcm.HttpConnectionManager())
     with pytest.raises(compile.CompileError, match="unsupported tracer"):
-        compile.listener(_listener_with_tracing(tracing))
+        compile.listener(from_protobuf(_listener_with_tracing(tracing)))
 
 
 class _Mixers:

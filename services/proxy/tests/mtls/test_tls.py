@@ -27,7 +27,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import json_format
 
-from istio.proxy import agent, compile
+from istio.pilot.xds import generate
+from istio.proxy import compile
 from istio.proxy.config import (
     Cluster,
     ClusterType,
@@ -52,9 +53,10 @@ from istio.proxy.http import HttpConnection
 from istio.proxy.listeners import ListenerManager
 from istio.proxy.tcp import TcpConnection
 from istio.proxy.tls import TlsManager
+from istio.proxy.xds import from_protobuf
 from istio.testing.net import free_port
 
-assert agent  # registers the descriptors of every type packed in an Any
+assert generate  # registers the descriptors of every type Pilot packs in an Any (json_format)
 A_IP, B_IP, APP_IP = "127.0.3.1", "127.0.3.2", "127.0.3.3"
 A_ID = "spiffe://cluster.local/ns/default/sa/a"
 B_ID = "spiffe://cluster.local/ns/default/sa/b"
@@ -695,7 +697,7 @@ async def test_envoy_shaped_tls_config_works_without_a_cert_dir(
     b = await sidecar_without_cert_dir(
         B_IP,
         Snapshot(
-            listeners={"inbound_tcp": compile.listener(inbound)},
+            listeners={"inbound_tcp": compile.listener(from_protobuf(inbound))},
             clusters={
                 "app_tcp": Cluster(
                     "app_tcp", ClusterType.STATIC, endpoints=(Endpoint(APP_IP, app.tcp_port),)
@@ -707,7 +709,7 @@ async def test_envoy_shaped_tls_config_works_without_a_cert_dir(
         A_IP,
         Snapshot(
             listeners={"out": Listener("out", A_IP, a_port, True, False, TcpProxy("out", "b_tcp"))},
-            clusters={"b_tcp": compile.cluster(outbound_cluster)},
+            clusters={"b_tcp": compile.cluster(from_protobuf(outbound_cluster))},
         ),
     )
     try:

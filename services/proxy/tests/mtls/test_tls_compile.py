@@ -15,7 +15,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import json_format
 
-from istio.proxy import agent, compile
+from istio.pilot.xds import generate
+from istio.proxy import compile
 from istio.proxy.compile import CompileError
 from istio.proxy.config import (
     DownstreamTls,
@@ -26,8 +27,9 @@ from istio.proxy.config import (
     TlsFiles,
     UpstreamTls,
 )
+from istio.proxy.xds import from_protobuf
 
-assert agent  # registers the descriptors of every type Pilot packs in an Any
+assert generate  # registers the descriptors of every type Pilot packs in an Any (json_format)
 GOLDEN = Path(__file__).resolve().parents[3] / "pilot" / "tests" / "golden"
 FILES = TlsFiles("/etc/certs/cert-chain.pem", "/etc/certs/key.pem", "/etc/certs/root-cert.pem")
 TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
@@ -107,21 +109,28 @@ def test_pilot_metadata_turns_mtls_on_for_mesh_clusters_and_inbound_listeners() 
     clusters = golden("cds")
     name = "outbound|9080||ratings.default.svc.cluster.local"
     body = dict(clusters[name], metadata={"filterMetadata": {"istio": {"mtls": True}}})
-    compiled = compile.cluster(json_format.ParseDict(body, cluster_pb2.Cluster()))
+    compiled = compile.cluster(from_protobuf(json_format.ParseDict(body, cluster_pb2.Cluster())))
     assert compiled.mtls == UpstreamTls()
     assert compiled.tls_sni is None
-    plain = compile.cluster(json_format.ParseDict(clusters[name], cluster_pb2.Cluster()))
+    plain = compile.cluster(
+        from_protobuf(json_format.ParseDict(clusters[name], cluster_pb2.Cluster()))
+    )
     assert plain.mtls is None
 
     inbound = golden("lds")["127.0.0.5_9080"]
-    assert compile.listener(json_format.ParseDict(inbound, listener_pb2.Listener())).tls is None
+    assert (
+        compile.listener(from_protobuf(json_format.ParseDict(inbound, listener_pb2.Listener()))).tls
+        is None
+    )
     for permissive in (False, True):
         metadata = json.loads(json.dumps(inbound["metadata"]))
         metadata["filterMetadata"]["istio"].update(
             auth_policy="MUTUAL_TLS", mtls_permissive=permissive
         )
         body = dict(inbound, metadata=metadata)
-        compiled_listener = compile.listener(json_format.ParseDict(body, listener_pb2.Listener()))
+        compiled_listener = compile.listener(
+            from_protobuf(json_format.ParseDict(body, listener_pb2.Listener()))
+        )
         assert compiled_listener.tls == DownstreamTls(permissive=permissive)
         assert isinstance(compiled_listener.chain, HttpManager)
 
@@ -129,19 +138,19 @@ def test_pilot_metadata_turns_mtls_on_for_mesh_clusters_and_inbound_listeners() 
 def test_pilot_metadata_names_the_identities_a_cluster_may_have() -> None:
     ids = ["spiffe://cluster.local/ns/default/sa/bookinfo-ratings"]
     metadata = {"filterMetadata": {"istio": {"mtls": True, "subject_alt_names": ids}}}
-    compiled = compile.cluster(cluster({"metadata": metadata}))
+    compiled = compile.cluster(from_protobuf(cluster({"metadata": metadata})))
     assert compiled.mtls == UpstreamTls(
         subject_alt_names=(SanMatcher("URI", MatchKind.EXACT, ids[0]),)
     )
     metadata["filterMetadata"]["istio"]["subject_alt_names"] = "not a list"
     with pytest.raises(CompileError, match="subject_alt_names must be a list"):
-        compile.cluster(cluster({"metadata": metadata}))
+        compile.cluster(from_protobuf(cluster({"metadata": metadata})))
 
 
 def test_unknown_auth_policy_is_refused() -> None:
     metadata = {"filterMetadata": {"istio": {"auth_policy": "KERBEROS"}}}
     with pytest.raises(CompileError, match="unknown auth_policy 'KERBEROS'"):
-        compile.listener(listener([tcp_chain()], metadata=metadata))
+        compile.listener(from_protobuf(listener([tcp_chain()], metadata=metadata)))
 
 
 # Envoy's shape.
@@ -155,7 +164,9 @@ def test_upstream_tls_context_with_a_client_certificate_is_mutual_tls() -> None:
     ]
     context["tlsParams"] = {"tlsMinimumProtocolVersion": "TLSv1_3"}
     compiled = compile.cluster(
-        cluster({"transportSocket": upstream_socket(commonTlsContext=context, sni="reviews")})
+        from_protobuf(
+            cluster({"transportSocket": upstream_socket(commonTlsContext=context, sni="reviews")})
+        )
     )
     assert compiled.mtls == UpstreamTls(
         files=FILES,
@@ -166,7 +177,9 @@ def test_upstream_tls_context_with_a_client_certificate_is_mutual_tls() -> None:
     )
     assert compiled.tls_sni is None
     # Without a client certificate it stays TLS origination to an external host.
-    egress = compile.cluster(cluster({"transportSocket": upstream_socket(sni="example.com")}))
+    egress = compile.cluster(
+        from_protobuf(cluster({"transportSocket": upstream_socket(sni="example.com")}))
+    )
     assert (egress.tls_sni, egress.mtls) == ("example.com", None)
 
 
@@ -198,7 +211,9 @@ def test_upstream_tls_contexts_the_proxy_cannot_honour(
             {"certificateChain": {"filename": "c"}, "privateKey": {"filename": "k"}}
         ]
     with pytest.raises(CompileError, match=message) as refused:
-        compile.cluster(cluster({"transportSocket": upstream_socket(commonTlsContext=context)}))
+        compile.cluster(
+            from_protobuf(cluster({"transportSocket": upstream_socket(commonTlsContext=context)}))
+        )
     assert "outbound|9080||reviews.default.svc.cluster.local" in str(refused.value)
 
 
@@ -214,34 +229,40 @@ def test_tls_and_raw_buffer_chains_behind_the_tls_inspector_are_a_permissive_por
         ],
         **inspector,
     )
-    compiled = compile.listener(permissive)
+    compiled = compile.listener(from_protobuf(permissive))
     assert compiled.tls == DownstreamTls(files=FILES, permissive=True, alpn=("istio",))
     assert isinstance(compiled.chain, TcpProxy)
     strict = compile.listener(
-        listener(
-            [
-                tcp_chain(
-                    filterChainMatch={"transportProtocol": "tls"},
-                    transportSocket=downstream_socket(),
-                )
-            ],
-            **inspector,
+        from_protobuf(
+            listener(
+                [
+                    tcp_chain(
+                        filterChainMatch={"transportProtocol": "tls"},
+                        transportSocket=downstream_socket(),
+                    )
+                ],
+                **inspector,
+            )
         )
     )
     assert strict.tls == DownstreamTls(files=FILES)
     # A chain without a match that terminates TLS takes every connection: strict too.
-    catch_all = compile.listener(listener([tcp_chain(transportSocket=downstream_socket())]))
+    catch_all = compile.listener(
+        from_protobuf(listener([tcp_chain(transportSocket=downstream_socket())]))
+    )
     assert catch_all.tls == DownstreamTls(files=FILES)
     # The default chain serves what no chain matches: plaintext here.
     with_default = compile.listener(
-        listener(
-            [
-                tcp_chain(
-                    filterChainMatch={"transportProtocol": "tls"},
-                    transportSocket=downstream_socket(),
-                )
-            ],
-            defaultFilterChain=tcp_chain(),
+        from_protobuf(
+            listener(
+                [
+                    tcp_chain(
+                        filterChainMatch={"transportProtocol": "tls"},
+                        transportSocket=downstream_socket(),
+                    )
+                ],
+                defaultFilterChain=tcp_chain(),
+            )
         )
     )
     assert with_default.tls == DownstreamTls(files=FILES, permissive=True)
@@ -286,8 +307,8 @@ def test_listener_tls_the_proxy_cannot_honour(
 ) -> None:
     resource = listener(chains)
     if message is None:  # an empty match is no match: accepted
-        assert compile.listener(resource).tls == DownstreamTls(files=FILES)
+        assert compile.listener(from_protobuf(resource)).tls == DownstreamTls(files=FILES)
         return
     with pytest.raises(CompileError, match=message) as refused:
-        compile.listener(resource)
+        compile.listener(from_protobuf(resource))
     assert "127.0.0.5_9080" in str(refused.value)

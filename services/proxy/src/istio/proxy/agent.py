@@ -21,19 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-# Imported for their descriptors: config_dump renders the Any fields that hold them.
-from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
-from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
-from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
-from google.protobuf import json_format, struct_pb2
-
 from istio.http2.grpc import Call, Channel
+from istio.proxy import envoy
 from istio.proxy.admin import json_body, serve
 from istio.proxy.compile import CompileError
 from istio.proxy.config import Listener, Snapshot
 from istio.proxy.context import Context
 from istio.proxy.listeners import ListenerManager
 from istio.proxy.tls import CredentialsError
+from istio.proxy.wire import discovery_request
 from istio.proxy.xds import (
     CLUSTER,
     ENDPOINT,
@@ -131,8 +127,6 @@ class Agent:
             publisher.cancel()
 
     async def _stream(self) -> None:
-        from envoy.service.discovery.v3 import discovery_pb2
-
         async with Channel(self.discovery_address) as channel:
             call = channel.stream(ADS_METHOD)
             outbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -168,7 +162,7 @@ class Agent:
                     if message is None:
                         raise ConnectionError("Pilot closed the stream")
                     self.connected = True
-                    self._on_response(discovery_pb2.DiscoveryResponse.FromString(message))
+                    self._on_response(envoy.DiscoveryResponse.decode(message))
             finally:
                 stop.cancel()
                 sender.cancel()
@@ -179,7 +173,7 @@ class Agent:
     async def _requests(self, call: Call, outbox: asyncio.Queue[Any]) -> None:
         while True:
             request = await outbox.get()
-            await call.send(request.SerializeToString())
+            await call.send(request)
 
     def _request(
         self,
@@ -189,26 +183,20 @@ class Agent:
         node: bool = False,
         nonce: str = "",
         error: str | None = None,
-    ) -> Any:
-        from envoy.service.discovery.v3 import discovery_pb2
-
-        request = discovery_pb2.DiscoveryRequest(
+    ) -> bytes:
+        """An encoded DiscoveryRequest (istio.proxy.wire writes it: no protobuf at run time)."""
+        return discovery_request(
             type_url=type_url,
             version_info=self.state.types[type_url].version,
             resource_names=sorted(names),
             response_nonce=nonce,
+            node_id=self.node.id if node else "",
+            node_cluster="istio-proxy" if node else "",
+            node_user_agent="istio-proxy" if node else "",
+            node_metadata=self.node.metadata if node else None,
+            error_code=3 if error is not None else 0,  # INVALID_ARGUMENT
+            error_message=error or "",
         )
-        if node:
-            request.node.id = self.node.id
-            request.node.cluster = "istio-proxy"
-            request.node.user_agent_name = "istio-proxy"
-            metadata = struct_pb2.Struct()
-            metadata.update(self.node.metadata)
-            request.node.metadata.CopyFrom(metadata)
-        if error is not None:
-            request.error_detail.code = 3  # INVALID_ARGUMENT
-            request.error_detail.message = error
-        return request
 
     def _on_response(self, response: Any) -> None:
         type_url = response.type_url
@@ -312,6 +300,10 @@ class Agent:
         return 404, "text/plain", f"unknown admin path {path}\n"
 
     def config_dump(self) -> dict[str, Any]:
+        # protobuf and Envoy's full descriptors are loaded on the first dump only (several MB
+        # the idle sidecar does not carry otherwise): see XdsState.message.
+        from google.protobuf import json_format
+
         configs = []
         for type_url, (dump_type, key, field_name) in _DUMP_TYPES.items():
             state = self.state.types[type_url]

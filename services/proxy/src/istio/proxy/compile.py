@@ -11,29 +11,12 @@ import dataclasses
 import ipaddress
 import re
 from collections.abc import Iterable
-from typing import Any
-
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, health_check_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_components_pb2 as rc
-from envoy.config.route.v3 import route_pb2
-from envoy.config.trace.v3 import zipkin_pb2
-from envoy.extensions.filters.http.fault.v3 import fault_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import (
-    http_connection_manager_pb2 as hcm,
-)
-from envoy.extensions.filters.network.mongo_proxy.v3 import mongo_proxy_pb2
-from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import string_pb2
-from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, duration_pb2, json_format
+from typing import Any, TypeVar
 
 from istio.proxy import config as rt
+from istio.proxy import envoy
 from istio.proxy.tracing import TracingConfig
+from istio.proxy.wire import Message, to_python
 
 HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
@@ -50,42 +33,44 @@ TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 # istio.subject_alt_names), inbound listener metadata istio.auth_policy and istio.mtls_permissive.
 MUTUAL_TLS = "MUTUAL_TLS"
 
-_HCM_TYPE = "type.googleapis.com/" + hcm.HttpConnectionManager.DESCRIPTOR.full_name
-_TCP_TYPE = "type.googleapis.com/" + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
-_ZIPKIN_TYPE = "type.googleapis.com/" + zipkin_pb2.ZipkinConfig.DESCRIPTOR.full_name
-_MONGO_TYPE = "type.googleapis.com/" + mongo_proxy_pb2.MongoProxy.DESCRIPTOR.full_name
-_FAULT_TYPE = "type.googleapis.com/" + fault_pb2.HTTPFault.DESCRIPTOR.full_name
-_UPSTREAM_TLS_TYPE = "type.googleapis.com/" + tls_pb2.UpstreamTlsContext.DESCRIPTOR.full_name
-_DOWNSTREAM_TLS_TYPE = "type.googleapis.com/" + tls_pb2.DownstreamTlsContext.DESCRIPTOR.full_name
+M = TypeVar("M", bound=Message)
+
+_HCM_TYPE = "type.googleapis.com/" + envoy.HttpConnectionManager.FULL_NAME
+_TCP_TYPE = "type.googleapis.com/" + envoy.TcpProxy.FULL_NAME
+_ZIPKIN_TYPE = "type.googleapis.com/" + envoy.ZipkinConfig.FULL_NAME
+_MONGO_TYPE = "type.googleapis.com/" + envoy.MongoProxy.FULL_NAME
+_FAULT_TYPE = "type.googleapis.com/" + envoy.HTTPFault.FULL_NAME
+_UPSTREAM_TLS_TYPE = "type.googleapis.com/" + envoy.UpstreamTlsContext.FULL_NAME
+_DOWNSTREAM_TLS_TYPE = "type.googleapis.com/" + envoy.DownstreamTlsContext.FULL_NAME
 _TLS_VERSIONS = {
-    common_pb2.TlsParameters.TLS_AUTO: "",
-    common_pb2.TlsParameters.TLSv1_2: "TLSv1_2",
-    common_pb2.TlsParameters.TLSv1_3: "TLSv1_3",
+    envoy.TlsProtocol.TLS_AUTO: "",
+    envoy.TlsProtocol.TLSv1_2: "TLSv1_2",
+    envoy.TlsProtocol.TLSv1_3: "TLSv1_3",
 }
 # SubjectAltNameMatcher types as Python's getpeercert() names them.
 _SAN_TYPES = {
-    common_pb2.SubjectAltNameMatcher.EMAIL: "email",
-    common_pb2.SubjectAltNameMatcher.DNS: "DNS",
-    common_pb2.SubjectAltNameMatcher.URI: "URI",
-    common_pb2.SubjectAltNameMatcher.IP_ADDRESS: "IP Address",
+    envoy.SanType.EMAIL: "email",
+    envoy.SanType.DNS: "DNS",
+    envoy.SanType.URI: "URI",
+    envoy.SanType.IP_ADDRESS: "IP Address",
 }
 _DENOMINATORS = {
-    percent_pb2.FractionalPercent.HUNDRED: 10_000,
-    percent_pb2.FractionalPercent.TEN_THOUSAND: 100,
-    percent_pb2.FractionalPercent.MILLION: 1,
+    envoy.DenominatorType.HUNDRED: 10_000,
+    envoy.DenominatorType.TEN_THOUSAND: 100,
+    envoy.DenominatorType.MILLION: 1,
 }
 _LB = {
-    cluster_pb2.Cluster.ROUND_ROBIN: rt.LbPolicy.ROUND_ROBIN,
-    cluster_pb2.Cluster.LEAST_REQUEST: rt.LbPolicy.LEAST_REQUEST,
-    cluster_pb2.Cluster.RANDOM: rt.LbPolicy.RANDOM,
-    cluster_pb2.Cluster.CLUSTER_PROVIDED: rt.LbPolicy.CLUSTER_PROVIDED,
+    envoy.LbPolicy.ROUND_ROBIN: rt.LbPolicy.ROUND_ROBIN,
+    envoy.LbPolicy.LEAST_REQUEST: rt.LbPolicy.LEAST_REQUEST,
+    envoy.LbPolicy.RANDOM: rt.LbPolicy.RANDOM,
+    envoy.LbPolicy.CLUSTER_PROVIDED: rt.LbPolicy.CLUSTER_PROVIDED,
 }
 _CLUSTER_TYPES = {
-    cluster_pb2.Cluster.STATIC: rt.ClusterType.STATIC,
-    cluster_pb2.Cluster.STRICT_DNS: rt.ClusterType.STRICT_DNS,
-    cluster_pb2.Cluster.LOGICAL_DNS: rt.ClusterType.LOGICAL_DNS,
-    cluster_pb2.Cluster.EDS: rt.ClusterType.EDS,
-    cluster_pb2.Cluster.ORIGINAL_DST: rt.ClusterType.ORIGINAL_DST,
+    envoy.DiscoveryType.STATIC: rt.ClusterType.STATIC,
+    envoy.DiscoveryType.STRICT_DNS: rt.ClusterType.STRICT_DNS,
+    envoy.DiscoveryType.LOGICAL_DNS: rt.ClusterType.LOGICAL_DNS,
+    envoy.DiscoveryType.EDS: rt.ClusterType.EDS,
+    envoy.DiscoveryType.ORIGINAL_DST: rt.ClusterType.ORIGINAL_DST,
 }
 
 
@@ -99,13 +84,20 @@ class CompileError(ValueError):
         self.reason = reason
 
 
-def seconds(value: duration_pb2.Duration) -> float:
-    return value.seconds + value.nanos / 1e9
+def seconds(value: envoy.Duration) -> float:
+    return float(value.seconds + value.nanos / 1e9)
 
 
-def ppm(value: percent_pb2.FractionalPercent) -> int:
+def ppm(value: envoy.FractionalPercent) -> int:
     """A FractionalPercent as parts per million, capped at one million."""
     return min(int(value.numerator) * _DENOMINATORS.get(value.denominator, 1), 1_000_000)
+
+
+def _unpack(kind: str, name: str, packed: envoy.Any, message: type[M]) -> M:
+    """An Any's message, refused when it holds another type."""
+    if packed.type_url != "type.googleapis.com/" + message.FULL_NAME:
+        raise CompileError(kind, name, f"expected a {message.FULL_NAME}, got {packed.type_url}")
+    return message.decode(packed.value)
 
 
 def _regex(kind: str, name: str, pattern: str) -> re.Pattern[str]:
@@ -119,7 +111,7 @@ def _regex(kind: str, name: str, pattern: str) -> re.Pattern[str]:
 
 
 def _string_matcher(
-    name: str, header: str, matcher: string_pb2.StringMatcher, invert: bool
+    name: str, header: str, matcher: envoy.StringMatcher, invert: bool
 ) -> rt.HeaderMatcher:
     kind = matcher.WhichOneof("match_pattern")
     ignore = matcher.ignore_case
@@ -139,7 +131,7 @@ def _string_matcher(
     raise CompileError("route", name, f"header {header!r}: unsupported string match {kind}")
 
 
-def _header_matcher(name: str, matcher: rc.HeaderMatcher) -> rt.HeaderMatcher:
+def _header_matcher(name: str, matcher: envoy.HeaderMatcher) -> rt.HeaderMatcher:
     header = matcher.name.lower()
     invert = matcher.invert_match
     kind = matcher.WhichOneof("header_match_specifier")
@@ -164,7 +156,7 @@ def _header_matcher(name: str, matcher: rc.HeaderMatcher) -> rt.HeaderMatcher:
     raise CompileError("route", name, f"header {header!r}: unsupported match {kind}")
 
 
-def _route_match(name: str, match: rc.RouteMatch) -> rt.RouteMatch:
+def _route_match(name: str, match: envoy.RouteMatch) -> rt.RouteMatch:
     if match.query_parameters or match.HasField("grpc") or match.HasField("tls_context"):
         raise CompileError("route", name, "query parameter, grpc and tls matches are unsupported")
     case_sensitive = not match.HasField("case_sensitive") or match.case_sensitive.value
@@ -204,7 +196,7 @@ _GRPC_RETRY_ON = {
 }
 
 
-def _retry(name: str, policy: rc.RetryPolicy) -> rt.RetryPolicy:
+def _retry(name: str, policy: envoy.RetryPolicy) -> rt.RetryPolicy:
     flags: dict[str, bool] = {}
     grpc_statuses = set()
     for condition in filter(None, (c.strip() for c in policy.retry_on.split(","))):
@@ -223,25 +215,24 @@ def _retry(name: str, policy: rc.RetryPolicy) -> rt.RetryPolicy:
     )
 
 
-def _headers_to_add(options: Iterable[base_pb2.HeaderValueOption]) -> tuple[rt.HeaderToAdd, ...]:
+def _headers_to_add(options: Iterable[envoy.HeaderValueOption]) -> tuple[rt.HeaderToAdd, ...]:
     added = []
     for option in options:
         if option.HasField("append"):
             append = option.append.value
         else:
             append = option.append_action in (
-                base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
-                base_pb2.HeaderValueOption.ADD_IF_ABSENT,
+                envoy.HeaderAppendAction.APPEND_IF_EXISTS_OR_ADD,
+                envoy.HeaderAppendAction.ADD_IF_ABSENT,
             )
         added.append(rt.HeaderToAdd(option.header.key.lower(), option.header.value, append))
     return tuple(added)
 
 
-def _fault(name: str, packed: any_pb2.Any) -> rt.Fault:
+def _fault(name: str, packed: envoy.Any) -> rt.Fault:
     if packed.type_url != _FAULT_TYPE:
         raise CompileError("route", name, f"fault config of type {packed.type_url}")
-    fault = fault_pb2.HTTPFault()
-    packed.Unpack(fault)
+    fault = envoy.HTTPFault.decode(packed.value)
     delay = fault.delay
     if delay.HasField("header_delay") or fault.abort.HasField("header_abort"):
         raise CompileError("route", name, "header-controlled faults are unsupported")
@@ -258,7 +249,7 @@ def _fault(name: str, packed: any_pb2.Any) -> rt.Fault:
     )
 
 
-def _action(name: str, action: rc.RouteAction) -> rt.RouteAction:
+def _action(name: str, action: envoy.RouteAction) -> rt.RouteAction:
     kind = action.WhichOneof("cluster_specifier")
     if kind == "cluster":
         clusters: tuple[tuple[str, int], ...] = ((action.cluster, 1),)
@@ -296,13 +287,13 @@ def _action(name: str, action: rc.RouteAction) -> rt.RouteAction:
     )
 
 
-def _redirect(redirect: rc.RedirectAction) -> rt.Redirect:
+def _redirect(redirect: envoy.RedirectAction) -> rt.Redirect:
     codes = {
-        rc.RedirectAction.MOVED_PERMANENTLY: 301,
-        rc.RedirectAction.FOUND: 302,
-        rc.RedirectAction.SEE_OTHER: 303,
-        rc.RedirectAction.TEMPORARY_REDIRECT: 307,
-        rc.RedirectAction.PERMANENT_REDIRECT: 308,
+        envoy.RedirectResponseCode.MOVED_PERMANENTLY: 301,
+        envoy.RedirectResponseCode.FOUND: 302,
+        envoy.RedirectResponseCode.SEE_OTHER: 303,
+        envoy.RedirectResponseCode.TEMPORARY_REDIRECT: 307,
+        envoy.RedirectResponseCode.PERMANENT_REDIRECT: 308,
     }
     scheme = "https" if redirect.https_redirect else redirect.scheme_redirect
     return rt.Redirect(
@@ -316,7 +307,7 @@ def _redirect(redirect: rc.RedirectAction) -> rt.Redirect:
     )
 
 
-def route(table: str, route: rc.Route) -> rt.Route:
+def route(table: str, route: envoy.Route) -> rt.Route:
     name = f"{table}/{route.name}" if route.name else table
     kind = route.WhichOneof("action")
     action: rt.RouteAction | rt.Redirect | rt.DirectResponse
@@ -346,7 +337,7 @@ def route(table: str, route: rc.Route) -> rt.Route:
     )
 
 
-def route_table(config: route_pb2.RouteConfiguration) -> rt.RouteTable:
+def route_table(config: envoy.RouteConfiguration) -> rt.RouteTable:
     hosts = []
     for host in config.virtual_hosts:
         if not host.domains:
@@ -367,7 +358,7 @@ def route_table(config: route_pb2.RouteConfiguration) -> rt.RouteTable:
 # Listeners (LDS).
 
 
-def _http_manager(name: str, manager: hcm.HttpConnectionManager) -> rt.HttpManager:
+def _http_manager(name: str, manager: envoy.HttpConnectionManager) -> rt.HttpManager:
     fault_filter = False
     for http_filter in manager.http_filters:
         if http_filter.name == FAULT:
@@ -394,7 +385,7 @@ def _http_manager(name: str, manager: hcm.HttpConnectionManager) -> rt.HttpManag
     )
 
 
-def _tracing(name: str, manager: hcm.HttpConnectionManager) -> TracingConfig:
+def _tracing(name: str, manager: envoy.HttpConnectionManager) -> TracingConfig:
     """HCM `tracing` with the Zipkin provider (the only one: spans go out as Zipkin v2 JSON)."""
     tracing = manager.tracing
     ppm = 1_000_000
@@ -406,9 +397,8 @@ def _tracing(name: str, manager: hcm.HttpConnectionManager) -> TracingConfig:
     provider = tracing.provider
     if provider.typed_config.type_url != _ZIPKIN_TYPE:
         raise CompileError("listener", name, f"unsupported tracer {provider.name or '(none)'}")
-    zipkin = zipkin_pb2.ZipkinConfig()
-    provider.typed_config.Unpack(zipkin)
-    if zipkin.collector_endpoint_version != zipkin_pb2.ZipkinConfig.HTTP_JSON:
+    zipkin = envoy.ZipkinConfig.decode(provider.typed_config.value)
+    if zipkin.collector_endpoint_version != envoy.CollectorEndpointVersion.HTTP_JSON:
         raise CompileError("listener", name, "zipkin collector_endpoint_version must be HTTP_JSON")
     if not zipkin.collector_cluster:
         raise CompileError("listener", name, "zipkin collector_cluster is empty")
@@ -422,13 +412,10 @@ def _tracing(name: str, manager: hcm.HttpConnectionManager) -> TracingConfig:
     )
 
 
-def _tcp_proxy(
-    name: str, chain: listener_components_pb2.FilterChain, packed: any_pb2.Any
-) -> rt.TcpProxy:
+def _tcp_proxy(name: str, chain: envoy.FilterChain, packed: envoy.Any) -> rt.TcpProxy:
     """A tcp_proxy, with the stats sniffer its chain asks for: a mongo_proxy filter before it,
     or the chain metadata `istio.protocol: REDIS`."""
-    tcp = tcp_proxy_pb2.TcpProxy()
-    packed.Unpack(tcp)
+    tcp = envoy.TcpProxy.decode(packed.value)
     if tcp.WhichOneof("cluster_specifier") != "cluster":
         raise CompileError("listener", name, "tcp_proxy needs a single cluster")
     idle = seconds(tcp.idle_timeout) if tcp.HasField("idle_timeout") else None
@@ -446,8 +433,7 @@ def _tcp_proxy(
             raise CompileError(
                 "listener", name, f"unsupported network filter {mongo_filter.name} before tcp_proxy"
             )
-        mongo = mongo_proxy_pb2.MongoProxy()
-        mongo_filter.typed_config.Unpack(mongo)
+        mongo = envoy.MongoProxy.decode(mongo_filter.typed_config.value)
         if mongo.HasField("delay") or mongo.access_log:
             raise CompileError("listener", name, "mongo_proxy delay and access_log are unsupported")
         if not mongo.stat_prefix:
@@ -471,9 +457,7 @@ def _tcp_proxy(
     )
 
 
-def _chain(
-    name: str, chain: listener_components_pb2.FilterChain
-) -> rt.HttpManager | rt.TcpProxy | None:
+def _chain(name: str, chain: envoy.FilterChain) -> rt.HttpManager | rt.TcpProxy | None:
     if not chain.filters:
         raise CompileError("listener", name, "a filter chain without network filters")
     network_filter = chain.filters[-1]
@@ -485,13 +469,12 @@ def _chain(
             "listener", name, f"expected one network filter, got {len(chain.filters)}"
         )
     if packed.type_url == _HCM_TYPE:
-        manager = hcm.HttpConnectionManager()
-        packed.Unpack(manager)
+        manager = envoy.HttpConnectionManager.decode(packed.value)
         return _http_manager(name, manager)
     raise CompileError("listener", name, f"unsupported network filter {network_filter.name}")
 
 
-def listener(resource: listener_pb2.Listener) -> rt.Listener:
+def listener(resource: envoy.Listener) -> rt.Listener:
     name = resource.name
     if not resource.address.HasField("socket_address"):
         raise CompileError("listener", name, "only socket addresses are supported")
@@ -501,18 +484,13 @@ def listener(resource: listener_pb2.Listener) -> rt.Listener:
             raise CompileError(
                 "listener", name, f"unsupported listener filter {listener_filter.name}"
             )
+    # The chains SNI picks are set aside; the rest are picked by transport as ever.
     sni_chains = [c for c in resource.filter_chains if c.filter_chain_match.server_names]
-    if sni_chains:
-        # The chains SNI picks are set aside; the rest are picked by transport as ever.
-        others = listener_pb2.Listener()
-        others.CopyFrom(resource)
-        del others.filter_chains[:]
-        others.filter_chains.extend(
-            c for c in resource.filter_chains if not c.filter_chain_match.server_names
-        )
-        tls_chain, plain_chain = _chains_by_transport(name, others)
-    else:
-        tls_chain, plain_chain = _chains_by_transport(name, resource)
+    tls_chain, plain_chain = _chains_by_transport(
+        name,
+        [c for c in resource.filter_chains if not c.filter_chain_match.server_names],
+        resource.default_filter_chain if resource.HasField("default_filter_chain") else None,
+    )
     tls: rt.DownstreamTls | None = None
     if sni_chains:
         tls = _sni_tls(name, sni_chains, tls_chain, permissive=plain_chain is not None)
@@ -526,7 +504,7 @@ def listener(resource: listener_pb2.Listener) -> rt.Listener:
                 name,
                 "the TLS and plaintext filter chains must carry the same network filters",
             )
-        chosen: listener_components_pb2.FilterChain | None = tls_chain
+        chosen: envoy.FilterChain | None = tls_chain
     else:
         chosen = plain_chain
         tls = _metadata_tls(name, resource.metadata)
@@ -539,27 +517,27 @@ def listener(resource: listener_pb2.Listener) -> rt.Listener:
         bind=not resource.HasField("bind_to_port") or resource.bind_to_port.value,
         use_original_dst=resource.use_original_dst.value,
         chain=_chain(name, chosen) if chosen is not None else None,
-        inbound=resource.traffic_direction == base_pb2.TrafficDirection.INBOUND,
+        inbound=resource.traffic_direction == envoy.TrafficDirection.INBOUND,
         tls=tls,
         mixer=_metadata_mixer(name, resource.metadata),
         forward_attributes=_metadata_forward_attributes(resource.metadata),
     )
 
 
-def _metadata_forward_attributes(metadata: base_pb2.Metadata) -> bool:
+def _metadata_forward_attributes(metadata: envoy.Metadata) -> bool:
     istio = metadata.filter_metadata.get(ISTIO_METADATA)
     if istio is None or "mixer_forward_attributes" not in istio.fields:
         return False
     return bool(istio.fields["mixer_forward_attributes"].bool_value)
 
 
-def _metadata_mixer(name: str, metadata: base_pb2.Metadata) -> rt.MixerFilter | None:
+def _metadata_mixer(name: str, metadata: envoy.Metadata) -> rt.MixerFilter | None:
     """Pilot's inbound listener metadata istio.mixer: {address, disable_policy_checks,
     attributes}; None when there is no Mixer (no address)."""
     istio = metadata.filter_metadata.get(ISTIO_METADATA)
     if istio is None or "mixer" not in istio.fields:
         return None
-    mixer = json_format.MessageToDict(istio.fields["mixer"].struct_value)
+    mixer = to_python(istio.fields["mixer"].struct_value)
     address = str(mixer.get("address") or "")
     if not address:
         return None
@@ -638,25 +616,21 @@ def _quota_spec(listener: str, where: str, spec: Any) -> list[rt.QuotaRule]:
 
 
 def _chains_by_transport(
-    name: str, resource: listener_pb2.Listener
-) -> tuple[listener_components_pb2.FilterChain | None, listener_components_pb2.FilterChain | None]:
+    name: str, chains: list[envoy.FilterChain], default_chain: envoy.FilterChain | None
+) -> tuple[envoy.FilterChain | None, envoy.FilterChain | None]:
     """The chain for TLS connections and the one for plaintext, as Envoy picks them by
     filter_chain_match.transport_protocol ("tls" from the tls_inspector, else "raw_buffer"):
     a chain matching the transport exactly first, then the one without a match (which takes
     every connection), then default_filter_chain. A chain terminates TLS when it has a
     transport socket."""
-    exact: dict[str, listener_components_pb2.FilterChain] = {}
+    exact: dict[str, envoy.FilterChain] = {}
     catch_all = None
-    for chain in resource.filter_chains:
+    for chain in chains:
         match = chain.filter_chain_match
-        if chain.HasField("filter_chain_match"):
-            probe = listener_components_pb2.FilterChainMatch()
-            probe.CopyFrom(match)
-            probe.ClearField("transport_protocol")
-            if probe.ByteSize():
-                raise CompileError(
-                    "listener", name, "filter_chain_match is supported on transport_protocol only"
-                )
+        if chain.HasField("filter_chain_match") and set(match.present()) - {"transport_protocol"}:
+            raise CompileError(
+                "listener", name, "filter_chain_match is supported on transport_protocol only"
+            )
         transport = match.transport_protocol
         terminates = chain.HasField("transport_socket")
         if transport == "tls" and not terminates:
@@ -675,8 +649,8 @@ def _chains_by_transport(
             raise CompileError("listener", name, f"more than one {transport} filter chain")
         else:
             exact[transport] = chain
-    if catch_all is None and resource.HasField("default_filter_chain"):
-        catch_all = resource.default_filter_chain
+    if catch_all is None:
+        catch_all = default_chain
     tls_chain = exact.get("tls")
     plain_chain = exact.get("raw_buffer")
     if catch_all is not None:
@@ -689,8 +663,8 @@ def _chains_by_transport(
 
 def _sni_tls(
     name: str,
-    sni_chains: list[listener_components_pb2.FilterChain],
-    default_chain: listener_components_pb2.FilterChain | None,
+    sni_chains: list[envoy.FilterChain],
+    default_chain: envoy.FilterChain | None,
     *,
     permissive: bool,
 ) -> rt.DownstreamTls:
@@ -702,12 +676,11 @@ def _sni_tls(
     seen: set[str] = set()
     certificates = []
     for chain in sni_chains:
-        probe = listener_components_pb2.FilterChainMatch()
-        probe.CopyFrom(chain.filter_chain_match)
-        probe.ClearField("server_names")
-        if probe.transport_protocol == "tls":
-            probe.ClearField("transport_protocol")
-        if probe.ByteSize():
+        match = chain.filter_chain_match
+        criteria = set(match.present()) - {"server_names"}
+        if match.transport_protocol == "tls":
+            criteria.discard("transport_protocol")
+        if criteria:
             raise CompileError(
                 "listener",
                 name,
@@ -751,7 +724,7 @@ def _without_certificate(tls: rt.DownstreamTls) -> rt.DownstreamTls:
     return dataclasses.replace(tls, files=rt.TlsFiles("", "", files.trusted_ca))
 
 
-def _metadata_tls(name: str, metadata: base_pb2.Metadata) -> rt.DownstreamTls | None:
+def _metadata_tls(name: str, metadata: envoy.Metadata) -> rt.DownstreamTls | None:
     """Pilot's inbound listener metadata: istio.auth_policy MUTUAL_TLS (the mesh's
     certificates), istio.mtls_permissive for plaintext too."""
     istio = metadata.filter_metadata.get(ISTIO_METADATA)
@@ -768,14 +741,14 @@ def _metadata_tls(name: str, metadata: base_pb2.Metadata) -> rt.DownstreamTls | 
     return rt.DownstreamTls(permissive=permissive)
 
 
-def _filename(kind: str, name: str, source: base_pb2.DataSource, what: str) -> str:
+def _filename(kind: str, name: str, source: envoy.DataSource, what: str) -> str:
     if source.WhichOneof("specifier") != "filename" or not source.filename:
         raise CompileError(kind, name, f"{what} must name a file (inline and SDS are unsupported)")
     return str(source.filename)
 
 
 def _san_matcher(
-    kind: str, name: str, san_type: str, matcher: string_pb2.StringMatcher
+    kind: str, name: str, san_type: str, matcher: envoy.StringMatcher
 ) -> rt.SanMatcher:
     pattern = matcher.WhichOneof("match_pattern")
     ignore = matcher.ignore_case
@@ -794,7 +767,7 @@ def _san_matcher(
 
 
 def _common_tls(
-    kind: str, name: str, common: tls_pb2.CommonTlsContext
+    kind: str, name: str, common: envoy.CommonTlsContext
 ) -> tuple[str, str, str, tuple[rt.SanMatcher, ...], tuple[str, str]]:
     """cert chain, key and trusted CA files, SAN matchers, (min, max) TLS versions."""
     if (
@@ -831,12 +804,11 @@ def _common_tls(
 
 
 def _downstream_tls(
-    name: str, socket: base_pb2.TransportSocket, *, permissive: bool
+    name: str, socket: envoy.TransportSocket, *, permissive: bool
 ) -> rt.DownstreamTls:
     if socket.typed_config.type_url != _DOWNSTREAM_TLS_TYPE:
         raise CompileError("listener", name, f"unsupported transport socket {socket.name}")
-    context = tls_pb2.DownstreamTlsContext()
-    socket.typed_config.Unpack(context)
+    context = envoy.DownstreamTlsContext.decode(socket.typed_config.value)
     cert_chain, key, trusted_ca, sans, (low, high) = _common_tls(
         "listener", name, context.common_tls_context
     )
@@ -861,9 +833,10 @@ def _downstream_tls(
 # Clusters (CDS) and endpoints (EDS).
 
 
-def load_assignment(assignment: endpoint_pb2.ClusterLoadAssignment) -> tuple[rt.Endpoint, ...]:
+def load_assignment(assignment: envoy.ClusterLoadAssignment) -> tuple[rt.Endpoint, ...]:
     endpoints = []
-    unusable = (health_check_pb2.UNHEALTHY, health_check_pb2.DRAINING, health_check_pb2.TIMEOUT)
+    health = envoy.HealthStatus
+    unusable = (health.UNHEALTHY, health.DRAINING, health.TIMEOUT)
     for locality in assignment.endpoints:
         for lb_endpoint in locality.lb_endpoints:
             if lb_endpoint.health_status in unusable:
@@ -879,10 +852,10 @@ def load_assignment(assignment: endpoint_pb2.ClusterLoadAssignment) -> tuple[rt.
     return tuple(endpoints)
 
 
-def _breakers(cluster: cluster_pb2.Cluster) -> rt.CircuitBreakers:
+def _breakers(cluster: envoy.Cluster) -> rt.CircuitBreakers:
     defaults = rt.CircuitBreakers()
     for thresholds in cluster.circuit_breakers.thresholds:
-        if thresholds.priority != base_pb2.RoutingPriority.DEFAULT:
+        if thresholds.priority != envoy.RoutingPriority.DEFAULT:
             continue
 
         def value(field: str, default: int, thresholds: object = thresholds) -> int:
@@ -898,7 +871,7 @@ def _breakers(cluster: cluster_pb2.Cluster) -> rt.CircuitBreakers:
     return defaults
 
 
-def _outlier(cluster: cluster_pb2.Cluster) -> rt.OutlierDetection | None:
+def _outlier(cluster: envoy.Cluster) -> rt.OutlierDetection | None:
     if not cluster.HasField("outlier_detection"):
         return None
     outlier = cluster.outlier_detection
@@ -917,7 +890,7 @@ def _outlier(cluster: cluster_pb2.Cluster) -> rt.OutlierDetection | None:
     )
 
 
-def cluster(resource: cluster_pb2.Cluster) -> rt.Cluster:
+def cluster(resource: envoy.Cluster) -> rt.Cluster:
     name = resource.name
     kind = resource.WhichOneof("cluster_discovery_type")
     if kind != "type" or resource.type not in _CLUSTER_TYPES:
@@ -927,7 +900,7 @@ def cluster(resource: cluster_pb2.Cluster) -> rt.Cluster:
         raise CompileError(
             "cluster",
             name,
-            f"unsupported lb_policy {cluster_pb2.Cluster.LbPolicy.Name(resource.lb_policy)}",
+            f"unsupported lb_policy {envoy.LbPolicy.NAMES.get(resource.lb_policy, '?')}",
         )
     lb = _LB[resource.lb_policy]
     if (lb is rt.LbPolicy.CLUSTER_PROVIDED) != (cluster_type is rt.ClusterType.ORIGINAL_DST):
@@ -939,8 +912,7 @@ def cluster(resource: cluster_pb2.Cluster) -> rt.Cluster:
     max_per_connection = resource.max_requests_per_connection.value
     packed = resource.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS)
     if packed is not None:
-        options = http_protocol_options_pb2.HttpProtocolOptions()
-        packed.Unpack(options)
+        options = _unpack("cluster", name, packed, envoy.HttpProtocolOptions)
         http2 = options.explicit_http_config.HasField("http2_protocol_options")
         common = options.common_http_protocol_options
         max_per_connection = common.max_requests_per_connection.value or max_per_connection
@@ -950,8 +922,7 @@ def cluster(resource: cluster_pb2.Cluster) -> rt.Cluster:
         socket = resource.transport_socket
         if socket.name != TLS_TRANSPORT and socket.typed_config.type_url != _UPSTREAM_TLS_TYPE:
             raise CompileError("cluster", name, f"unsupported transport socket {socket.name}")
-        tls = tls_pb2.UpstreamTlsContext()
-        socket.typed_config.Unpack(tls)
+        tls = _unpack("cluster", name, socket.typed_config, envoy.UpstreamTlsContext)
         if tls.common_tls_context.tls_certificates:
             mtls = _upstream_tls(name, tls)
         else:
@@ -985,7 +956,7 @@ def cluster(resource: cluster_pb2.Cluster) -> rt.Cluster:
     )
 
 
-def _upstream_tls(name: str, context: tls_pb2.UpstreamTlsContext) -> rt.UpstreamTls:
+def _upstream_tls(name: str, context: envoy.UpstreamTlsContext) -> rt.UpstreamTls:
     """An UpstreamTlsContext with a client certificate: mutual TLS, the server verified."""
     cert_chain, key, trusted_ca, sans, (low, high) = _common_tls(
         "cluster", name, context.common_tls_context
@@ -1004,7 +975,7 @@ def _upstream_tls(name: str, context: tls_pb2.UpstreamTlsContext) -> rt.Upstream
     )
 
 
-def _metadata_mtls(name: str, metadata: base_pb2.Metadata) -> rt.UpstreamTls | None:
+def _metadata_mtls(name: str, metadata: envoy.Metadata) -> rt.UpstreamTls | None:
     """Pilot's cluster metadata: istio.mtls true (the mesh's certificates), and the SPIFFE ids
     the server may have in istio.subject_alt_names (exact URIs; absent: any in the trust
     domain)."""

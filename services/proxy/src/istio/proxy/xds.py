@@ -16,15 +16,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
-from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError, Message
-
-from istio.proxy import compile
+from istio.proxy import compile, envoy
 from istio.proxy.config import ClusterType, HttpManager, Snapshot
+from istio.proxy.wire import DecodeError, Message
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -35,12 +29,20 @@ WILDCARD_TYPES = (CLUSTER, LISTENER)
 # Responses of these types may carry a part of what the proxy subscribed to (the rest stays).
 MERGED_TYPES = frozenset({ENDPOINT, ROUTE})
 
+# Decoded with istio.proxy.wire's schema (istio.proxy.envoy), not protobuf: see wire.py.
 _MESSAGES: dict[str, type[Message]] = {
-    CLUSTER: cluster_pb2.Cluster,
-    ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-    LISTENER: listener_pb2.Listener,
-    ROUTE: route_pb2.RouteConfiguration,
+    CLUSTER: envoy.Cluster,
+    ENDPOINT: envoy.ClusterLoadAssignment,
+    LISTENER: envoy.Listener,
+    ROUTE: envoy.RouteConfiguration,
 }
+
+
+def from_protobuf(message: Any) -> Message:
+    """A protobuf object of a type the proxy decodes, as the proxy decodes it (through its wire
+    bytes): for tests and tools that build resources with protobuf's classes."""
+    ours = envoy.BY_FULL_NAME[message.DESCRIPTOR.full_name]
+    return ours.decode(message.SerializeToString())
 
 
 def _name(type_url: str, message: Any) -> str:
@@ -65,9 +67,39 @@ class TypeState:
     raw: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
     compiled: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
-    def message(self, type_url: str, name: str) -> Message:
-        """The resource `name` as accepted, decoded again."""
-        return _MESSAGES[type_url].FromString(self.raw[name])
+    def message(self, type_url: str, name: str) -> Any:
+        """The resource `name` as accepted, decoded again with protobuf's full classes (every
+        field, for /config_dump; importing them costs the process several MB, so only a dump
+        does)."""
+        return _protobuf_classes()[type_url].FromString(self.raw[name])
+
+
+def _protobuf_classes() -> dict[str, Any]:
+    """protobuf's classes of the four resource types, with the descriptors of everything Pilot
+    packs in their Any fields (json_format must find them to print them)."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_pb2
+    from envoy.config.trace.v3 import zipkin_pb2  # noqa: F401
+    from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
+    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+    from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
+    from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+        http_connection_manager_pb2,
+    )
+    from envoy.extensions.filters.network.mongo_proxy.v3 import mongo_proxy_pb2  # noqa: F401
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+
+    return {
+        CLUSTER: cluster_pb2.Cluster,
+        ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+        LISTENER: listener_pb2.Listener,
+        ROUTE: route_pb2.RouteConfiguration,
+    }
 
 
 class XdsState:
@@ -80,8 +112,9 @@ class XdsState:
         self.nacks = 0
         self.last_nack = ""
 
-    def accept(self, type_url: str, version: str, resources: Sequence[any_pb2.Any]) -> str | None:
-        """Compile a response; None when accepted, else the reason to NACK it with."""
+    def accept(self, type_url: str, version: str, resources: Sequence[Any]) -> str | None:
+        """Compile a response; None when accepted, else the reason to NACK it with.
+        `resources` are Any messages (ours or protobuf's: type_url and value are read)."""
         message_type = _MESSAGES.get(type_url)
         if message_type is None:
             return f"unsupported resource type {type_url}"
@@ -92,8 +125,7 @@ class XdsState:
             for packed in resources:
                 if packed.type_url != type_url:
                     return f"resource of type {packed.type_url} in a {type_url} response"
-                message = message_type()
-                packed.Unpack(message)
+                message = message_type.decode(packed.value)
                 name = _name(type_url, message)
                 if name in raw:
                     return f"duplicate {SHORT_NAMES[type_url]} resource {name!r}"
