@@ -45,10 +45,10 @@ async def serve(directory: Path) -> None:
     from istio.ca import pki
     from istio.ca.audit import AuditLog
     from istio.ca.authority import CertificateAuthority
-    from istio.ca.identity import SpiffeId
     from istio.ca.ratelimit import RateLimiter
     from istio.ca.service import server_hosts, start_server
     from istio.ca.storage import load_or_create_in_directory
+    from istio.model.identity import SpiffeId
 
     material, _ = load_or_create_in_directory(
         directory / "ca",

@@ -112,7 +112,7 @@ class Mesh:
 def write_certificates(tmp: Path) -> dict[str, Path]:
     """A root and the two sidecars' certificates, made with istio-ca's code."""
     from istio.ca import pki
-    from istio.ca.identity import SpiffeId
+    from istio.model.identity import SpiffeId
 
     now = dt.datetime.now(dt.UTC)
     key = pki.generate_key(pki.KeyType.ECDSA)

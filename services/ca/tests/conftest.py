@@ -20,11 +20,11 @@ from istio.api.auth.v1 import ca_pb2, ca_pb2_grpc
 from istio.ca import pki
 from istio.ca.audit import AuditLog
 from istio.ca.authority import CertificateAuthority
-from istio.ca.identity import SpiffeId
 from istio.ca.ratelimit import RateLimiter
 from istio.ca.service import CA_SERVER_NAME, CAServer, start_server
 from istio.ca.storage import load_or_create_in_directory
-from istio.ca.tokens import JoinTokens
+from istio.jointokens import JoinTokens
+from istio.model.identity import SpiffeId
 
 NOW = datetime.datetime.now(datetime.UTC)
 WORKLOAD = SpiffeId("cluster.local", "default", "bookinfo-productpage")

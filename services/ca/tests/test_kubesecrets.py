@@ -16,9 +16,9 @@ from cryptography import x509
 
 from istio.ca import pki
 from istio.ca.authority import CertificateAuthority
-from istio.ca.identity import SpiffeId
 from istio.ca.kubesecrets import SECRETS, SecretController
 from istio.kube import KubeClient, load_cluster_access
+from istio.model.identity import SpiffeId
 from istio.testing.kube import FakeKubeAPI
 
 from .conftest import new_authority, verify

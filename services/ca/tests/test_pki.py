@@ -12,20 +12,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from istio.ca import pki
 from istio.ca.authority import CertificateAuthority
 from istio.ca.durations import parse_duration
-from istio.ca.identity import SpiffeId
 
 from .conftest import NOW, WORKLOAD, make_csr, new_authority, verify
-
-
-def test_spiffe_ids_round_trip_and_bad_ones_say_why() -> None:
-    text = "spiffe://cluster.local/ns/default/sa/reviews"
-    assert str(SpiffeId.parse(text)) == text
-    with pytest.raises(ValueError, match="must start with spiffe://"):
-        SpiffeId.parse("https://cluster.local/ns/a/sa/b")
-    with pytest.raises(ValueError, match="not a workload identity"):
-        SpiffeId.parse("spiffe://cluster.local/ns/a")
-    with pytest.raises(ValueError, match="not a DNS name"):
-        SpiffeId.parse("spiffe://Bad_Domain/ns/a/sa/b")
 
 
 def test_go_durations() -> None:

@@ -1,4 +1,5 @@
-"""A real istio-ca process (its console entry, over loopback) for the agent to talk to."""
+"""A real istio-ca process (its console entry, over loopback) for the agent to talk to, and join
+tokens made as an operator makes them: `istio-ca token create` or `istioctl token create`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 IDENTITY = "spiffe://cluster.local/ns/vm/sa/mysql"
+ISTIOCTL = str(Path(sys.executable).parent / "istioctl")
 _SERVING = re.compile(r"serving HandleCSR \((client certificates|join tokens)\) on (\S+)")
 
 
@@ -53,6 +55,22 @@ class CAProcess:
         )
         out, _ = await made.communicate()
         assert made.returncode == 0
+        return out.decode().strip()
+
+    async def istioctl_token(self, *flags: str) -> str:
+        """`istioctl token create --ca-dir CA_DIR FLAGS...`: the token it printed."""
+        made = await asyncio.create_subprocess_exec(
+            ISTIOCTL,
+            "token",
+            "create",
+            "--ca-dir",
+            str(self.ca_dir),
+            *flags,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(made.communicate(), 60)
+        assert made.returncode == 0, err.decode()
         return out.decode().strip()
 
     def audit(self) -> list[dict[str, str]]:

@@ -66,6 +66,28 @@ async def test_first_certificate_with_a_join_token(start_ca: StartCA, tmp_path: 
     assert entry["identity"] == IDENTITY
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [("--identity", IDENTITY), ("-n", "vm", "--service-account", "mysql", "--ttl", "10m")],
+)
+async def test_a_join_token_made_with_istioctl_is_accepted_once(
+    start_ca: StartCA, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    ca = await start_ca()
+    token = await ca.istioctl_token(*flags)
+    cert = await NodeAgent(config(ca, tmp_path / "first", token)).refresh()
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [IDENTITY]
+    # Another machine presenting the same token (say it was copied) gets nothing.
+    with pytest.raises(AgentError, match="the CA refused: unknown or already used join token"):
+        await NodeAgent(config(ca, tmp_path / "second", token)).refresh()
+    assert not (tmp_path / "second").exists()
+    approved, denied = ca.audit()
+    assert (approved["decision"], approved["identity"]) == ("approved", IDENTITY)
+    assert denied["decision"] == "denied"
+    assert denied["caller"].startswith("join-token:")
+
+
 async def test_rotation_renews_with_the_current_certificate(
     start_ca: StartCA, tmp_path: Path
 ) -> None:

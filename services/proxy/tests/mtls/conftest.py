@@ -16,7 +16,7 @@ import pytest
 import uvloop
 
 from istio.ca import pki
-from istio.ca.identity import SpiffeId
+from istio.model.identity import SpiffeId
 
 NOW = datetime.datetime.now(datetime.UTC)
 HOUR = datetime.timedelta(hours=1)

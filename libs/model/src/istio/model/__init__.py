@@ -5,7 +5,7 @@ small immutable records; xDS generation reads nothing else. Keys are pure functi
 round-trip.
 """
 
-from istio.model.identity import spiffe_identity
+from istio.model.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, spiffe_identity
 from istio.model.proxy import NodeType, Proxy
 from istio.model.service import (
     AuthPolicy,
@@ -18,6 +18,7 @@ from istio.model.service import (
 )
 
 __all__ = [
+    "DEFAULT_TRUST_DOMAIN",
     "AuthPolicy",
     "Labels",
     "NodeType",
@@ -27,5 +28,6 @@ __all__ = [
     "Resolution",
     "Service",
     "ServiceInstance",
+    "SpiffeId",
     "spiffe_identity",
 ]

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from istio.ca import pki
-from istio.ca.identity import SpiffeId
 from istio.ca.pki import KeyType, SigningMaterial
+from istio.model.identity import SpiffeId
 
 DEFAULT_WORKLOAD_TTL = datetime.timedelta(hours=1)
 SERVICE_ACCOUNT = "istio-ca-service-account"

@@ -23,8 +23,8 @@ from cryptography import x509
 
 from istio.ca import pki
 from istio.ca.authority import CertificateAuthority
-from istio.ca.identity import SpiffeId
 from istio.kube import ApiError, EventType, KubeClient, KubeError, Resource, WatchEvent, object_key
+from istio.model.identity import SpiffeId
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from istio.ca import storage
 from istio.ca.audit import AuditLog
 from istio.ca.authority import CertificateAuthority, utcnow
 from istio.ca.durations import parse_duration
-from istio.ca.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from istio.ca.kubesecrets import SecretController
 from istio.ca.pki import DEFAULT_ORG, KeyType, SigningMaterial
 from istio.ca.ratelimit import RateLimiter
@@ -34,8 +33,9 @@ from istio.ca.service import (
     split_host_port,
     start_server,
 )
-from istio.ca.tokens import TOKEN_DIR, JoinTokens
+from istio.jointokens import JoinTokens, token_directory
 from istio.kube import KubeClient, KubeError, load_cluster_access
+from istio.model.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 
 PROG = "istio-ca"
 log = logging.getLogger(PROG)
@@ -142,12 +142,6 @@ def build_token_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def token_dir(ca_dir: Path | None, explicit: Path | None) -> Path | None:
-    if explicit is not None:
-        return explicit
-    return ca_dir / TOKEN_DIR if ca_dir is not None else None
-
-
 async def load_material(options: argparse.Namespace, client: KubeClient | None) -> SigningMaterial:
     now = utcnow()
     key_type = KeyType(options.key_type)
@@ -204,7 +198,7 @@ async def serve(options: argparse.Namespace) -> None:
             workload_ttl=datetime.timedelta(seconds=options.workload_cert_ttl),
             key_type=KeyType(options.key_type),
         )
-        tokens_at = token_dir(options.ca_dir, options.token_dir)
+        tokens_at = token_directory(options.ca_dir, options.token_dir)
         bootstrap = None if options.bootstrap_addr == "off" else options.bootstrap_addr
         try:
             server = await start_server(
@@ -247,7 +241,7 @@ async def serve(options: argparse.Namespace) -> None:
 def create_token(argv: Sequence[str]) -> int:
     parser = build_token_parser()
     options = parser.parse_args(argv)
-    directory = token_dir(options.ca_dir, options.token_dir)
+    directory = token_directory(options.ca_dir, options.token_dir)
     if directory is None:
         parser.error("say where tokens are kept: --ca-dir or --token-dir")
     try:

@@ -31,9 +31,9 @@ from istio.ca import audit as decisions
 from istio.ca import pki
 from istio.ca.audit import AuditLog
 from istio.ca.authority import CertificateAuthority
-from istio.ca.identity import SpiffeId
 from istio.ca.ratelimit import RateLimiter
-from istio.ca.tokens import JoinTokens
+from istio.jointokens import JoinTokens
+from istio.model.identity import SpiffeId
 
 log = logging.getLogger(__name__)
 

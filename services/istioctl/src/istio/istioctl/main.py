@@ -1,4 +1,4 @@
-"""istioctl: create, read, replace, delete and validate the mesh's config.
+"""istioctl: create, read, replace, delete and validate the mesh's config; make join tokens.
 
 Exit status 0 on success, 1 when the input or the store said no (one precise line per problem
 on stderr), 2 for a malformed command line. User input never produces a traceback.
@@ -24,10 +24,13 @@ from istio.config import (
     parse_documents,
     to_object,
 )
+from istio.config.duration import parse_duration
 from istio.config.parse import dump_yaml
 from istio.config.schema import dashed_name
 from istio.config.validation import validate_mixer_expressions
 from istio.configstore import STORE_ENV, ConfigStore, default_store_url, open_store
+from istio.jointokens import JoinTokens, token_directory
+from istio.model.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 
 DEFAULT_PILOT_ADDRESS = "127.0.0.1:15014"
 PROXY_ADMIN_PORT = 15000
@@ -271,6 +274,57 @@ def run_validate(options: argparse.Namespace, out: TextIO) -> None:
         print(f"{_describe(config)}: valid", file=out)
 
 
+def run_token_create(options: argparse.Namespace, out: TextIO) -> None:
+    """A one-time join token for a node agent, kept (hashed) where istio-ca looks for it."""
+    identity = _token_identity(options)
+    try:
+        nanos = parse_duration(options.ttl)
+    except ValueError as error:
+        raise UserError([f"--ttl: {error}"]) from None
+    if nanos <= 0:
+        raise UserError([f"--ttl: {options.ttl!r} must be positive"])
+    directory = token_directory(options.ca_dir, options.token_dir)
+    assert directory is not None  # argparse requires one of the two
+    try:
+        token = JoinTokens(directory).create(identity, nanos / 1e9)
+    except OSError as error:
+        raise UserError(
+            [f"cannot keep a join token in {directory}: {error.strerror or error}"]
+        ) from None
+    print(token, file=out)
+    # On stderr, so that `TOKEN=$(istioctl token create ...)` captures the token alone.
+    print(
+        f"Created a join token for {identity} in {directory}, usable once within {options.ttl}",
+        file=sys.stderr,
+    )
+
+
+def _token_identity(options: argparse.Namespace) -> SpiffeId:
+    if options.identity is not None:
+        extra = [
+            flag
+            for flag, value in (
+                ("--namespace", options.namespace),
+                ("--trust-domain", options.trust_domain),
+            )
+            if value is not None
+        ]
+        if extra:
+            raise UserError([f"--identity names the whole identity: drop {' and '.join(extra)}"])
+        try:
+            return SpiffeId.parse(options.identity)
+        except ValueError as error:
+            raise UserError([f"--identity: {error}"]) from None
+    try:
+        return SpiffeId.of(
+            options.namespace or "default",
+            options.service_account,
+            options.trust_domain or DEFAULT_TRUST_DOMAIN,
+        )
+    except ValueError as error:
+        raise UserError([str(error)]) from None
+
+
 def _kinds_help() -> str:
     lines = ["kinds (any of the names):"]
     for schema in DEFAULT_REGISTRY:
@@ -349,8 +403,53 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Pilot's --http-addr (default {DEFAULT_PILOT_ADDRESS})",
     )
     status.add_argument("-o", "--output", choices=("short", "json"), default="short")
+    _add_token_parser(commands)
     commands.add_parser("version", help="print the version")
     return parser
+
+
+def _add_token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = commands.add_parser(
+        "token",
+        help="one-time join tokens for node agents",
+        description="One-time join tokens: a node agent presents one to istio-ca to get its "
+        "first certificate.",
+    )
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    create = token_commands.add_parser(
+        "create",
+        help="make a join token for one identity",
+        description="Print a new join token for one SPIFFE identity; istio-ca keeps only its "
+        "hash and accepts it once, before it expires.",
+        epilog="examples:\n"
+        "  istioctl token create --identity spiffe://cluster.local/ns/vm/sa/mysql --ca-dir DIR\n"
+        "  istioctl token create -n vm --service-account mysql --token-dir DIR --ttl 10m",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    who = create.add_mutually_exclusive_group(required=True)
+    who.add_argument("--identity", metavar="SPIFFE_ID", help="spiffe://TD/ns/NS/sa/SA")
+    who.add_argument("--service-account", metavar="SA", help="the identity of SA in -n NAMESPACE")
+    # SUPPRESS: not given here, `istioctl -n NS token create ...` still counts.
+    create.add_argument(
+        "-n",
+        "--namespace",
+        default=argparse.SUPPRESS,
+        help="the service account's namespace (default: default)",
+    )
+    create.add_argument(
+        "--trust-domain",
+        default=None,
+        metavar="DOMAIN",
+        help=f"with --service-account (default {DEFAULT_TRUST_DOMAIN})",
+    )
+    create.add_argument(
+        "--ttl", default="1h", metavar="DURATION", help="how long it may wait to be used (1h)"
+    )
+    where = create.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--ca-dir", type=Path, help="istio-ca's --ca-dir: the token goes in DIR/join-tokens"
+    )
+    where.add_argument("--token-dir", type=Path, help="istio-ca's --token-dir")
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -367,6 +466,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             run_validate(options, out)
         elif options.command == "proxy-status":
             run_proxy_status(options, out)
+        elif options.command == "token":
+            run_token_create(options, out)
         else:
             print(f"istioctl {version('istio-istioctl')}", file=out)
     except (UserError, ConfigError) as error:

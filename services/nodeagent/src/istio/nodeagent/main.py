@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--identity", required=True, metavar="SPIFFE_ID")
     parser.add_argument(
-        "--join-token", default="", help="a one-time token from `istio-ca token create`"
+        "--join-token", default="", help="a one-time token from `istioctl token create`"
     )
     parser.add_argument("--join-token-file", type=Path, help="read the join token from this file")
     parser.add_argument(

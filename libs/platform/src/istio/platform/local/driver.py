@@ -294,12 +294,12 @@ class LocalDriver:
 
     def _certificates(self, app: _TestApp, w: Workload, deadline: float) -> None:
         """A node agent for the test app's sidecar, as the platform starts one per proxy
-        (a join token from `istio-ca token create`); until its certificate is written."""
+        (a join token from `istioctl token create`); until its certificate is written."""
         made = subprocess.run(
             token_argv(self.layout, w.identity), capture_output=True, text=True, check=False
         )
         if made.returncode != 0:
-            raise AssertionError(f"istio-ca token create: {made.stderr}")
+            raise AssertionError(f"istioctl token create: {made.stderr}")
         cert_dir = self.layout.cert_dir(w.name)
         write_private(cert_dir.with_suffix(".join-token"), made.stdout)
         self._spawn(

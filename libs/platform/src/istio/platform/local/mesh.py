@@ -699,7 +699,7 @@ def node_agent_argv(layout: Layout, name: str, identity: str) -> list[str]:
 
 def token_argv(layout: Layout, identity: str) -> list[str]:
     return [
-        str(BIN / "istio-ca"),
+        str(BIN / "istioctl"),
         "token",
         "create",
         "--ca-dir",
@@ -712,7 +712,7 @@ def token_argv(layout: Layout, identity: str) -> list[str]:
 
 
 async def join_token(layout: Layout, identity: str) -> str:
-    """A one-time join token for `identity` (`istio-ca token create`)."""
+    """A one-time join token for `identity` (`istioctl token create`)."""
     process = await asyncio.create_subprocess_exec(
         *token_argv(layout, identity),
         stdout=asyncio.subprocess.PIPE,
@@ -720,7 +720,7 @@ async def join_token(layout: Layout, identity: str) -> str:
     )
     out, err = await process.communicate()
     if process.returncode != 0:
-        raise StartError(f"istio-ca token create: {err.decode(errors='replace').strip()}")
+        raise StartError(f"istioctl token create: {err.decode(errors='replace').strip()}")
     return out.decode().strip()
 
 

@@ -1,8 +1,8 @@
 """One-time join tokens: how a machine with no certificate yet proves who it may become.
 
-`istio-ca token create --identity ID --ttl 1h` prints a random token and keeps only its SHA-256
-(one file per token, mode 0600, named by the hash, holding the identity and the expiry), so
-reading the token directory does not give away tokens. Spending a token removes its file; the
+`istioctl token create` (or `istio-ca token create`) prints a random token and keeps only its
+SHA-256 (one file per token, mode 0600, named by the hash, holding the identity and the expiry),
+so reading the token directory does not give away tokens. Spending a token removes its file; the
 removal is what makes it single-use, and it is atomic even with several CA processes.
 """
 
@@ -16,9 +16,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from istio.ca.identity import SpiffeId
+from istio.model.identity import SpiffeId
 
+# Where the CA looks for tokens when given only --ca-dir.
 TOKEN_DIR = "join-tokens"
+
+
+def token_directory(ca_dir: Path | None, token_dir: Path | None) -> Path | None:
+    """Where tokens are kept: --token-dir if given, else CA_DIR/join-tokens, else unknown.
+
+    istio-ca and istioctl both resolve their flags with this, so a token made with the same flags
+    the CA was started with lands where the CA will look for it."""
+    if token_dir is not None:
+        return token_dir
+    return ca_dir / TOKEN_DIR if ca_dir is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +45,9 @@ class JoinTokens:
         self.directory = directory
 
     def create(self, identity: SpiffeId, ttl_seconds: float, *, now: float | None = None) -> str:
+        """A new token for `identity`, good for `ttl_seconds`; OSError when it cannot be kept."""
+        if ttl_seconds <= 0:
+            raise ValueError(f"a join token's lifetime must be positive, not {ttl_seconds}s")
         token = secrets.token_urlsafe(32)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         expires = (time.time() if now is None else now) + ttl_seconds
@@ -55,6 +69,8 @@ class JoinTokens:
             return Spent(None, "unknown or already used join token")
         except (OSError, ValueError) as error:
             return Spent(None, f"unreadable join token record ({type(error).__name__})")
+        if not isinstance(record, dict):
+            return Spent(None, "unreadable join token record (not an object)")
         if (time.time() if now is None else now) > float(record.get("expires", 0)):
             return Spent(None, "expired join token")
         try:
