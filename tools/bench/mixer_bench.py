@@ -243,32 +243,38 @@ class Server:
     def __init__(self, config: str | None) -> None:
         self.port = free_port()
         self.monitoring_port = free_port()
+        self.prometheus_port = free_port()
         self.config = config
         self.process: subprocess.Popen[str] | None = None
         self.directory = tempfile.TemporaryDirectory()
+        # mixs's stdout (the access log's lines, with the default telemetry) goes to a file:
+        # a pipe nobody reads would fill and stall it
+        self.log = Path(self.directory.name) / "mixs.log"
 
     def __enter__(self) -> Server:
         if self.config is None:
             command = [sys.executable, __file__, "--echo-server", str(self.port)]
             marker = "ready"
         else:
-            store = Path(self.directory.name)
+            store = Path(self.directory.name) / "store"
+            store.mkdir()
             (store / "config.yaml").write_text(self.config)
             command = [
                 sys.executable, "-m", "istio.mixer", "server",
                 "--config-store", f"file://{store}",
                 "--grpc-addr", f"127.0.0.1:{self.port}",
                 "--monitoring-addr", f"127.0.0.1:{self.monitoring_port}",
-                "--prometheus-addr", f"127.0.0.1:{free_port()}",
+                "--prometheus-addr", f"127.0.0.1:{self.prometheus_port}",
                 "--log-level", "warning",
             ]  # fmt: skip
             marker = None
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert self.process.stdout is not None
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE if marker else log, stderr=subprocess.STDOUT,
+                text=True, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
         if marker is not None:
+            assert self.process.stdout is not None
             line = self.process.stdout.readline()
             if marker not in line:
                 raise RuntimeError(f"the server did not start: {line}")
@@ -379,6 +385,268 @@ def cached_check_cost(calls: int = 200_000) -> float:
     return asyncio.run(run())
 
 
+# The proxy with Mixer off and on: wrk through a server sidecar's inbound listener.
+
+PROXY_BACKEND_IP, OFF_IP, ON_IP = "127.0.0.231", "127.0.0.232", "127.0.0.233"
+PROXY_BACKEND_PORT, SERVICE_PORT = 8080, 9080
+PROXY_TARGET = 0.8
+# One service whose two endpoints are the two server sidecars: each sidecar's Pilot gives it
+# the inbound listener of its own endpoint (its Mixer attributes: destination.service
+# bench-server..., destination.labels app=bench-server, version=v1).
+PROXY_SERVICE = f"""\
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: bench-server}}
+spec:
+  hosts: [bench-server.default.svc.cluster.local]
+  ports: [{{number: {SERVICE_PORT}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints:
+  - {{address: {OFF_IP}, labels: {{app: bench-server, version: v1}}}}
+  - {{address: {ON_IP}, labels: {{app: bench-server, version: v1}}}}
+"""
+# The check rules every proxied request meets (besides install/mixer's telemetry): a denier
+# whose match is false for it, and a listchecker whitelist that passes. Mixer's answer
+# references destination.labels only, so the proxy's cache answers all but the first Check of
+# each valid period (10 s, 10,000 uses).
+PROXY_POLICY = """
+apiVersion: config.istio.io/v1alpha2
+kind: denier
+metadata: {name: handler, namespace: istio-system}
+spec: {status: {code: 7, message: Not allowed}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: checknothing
+metadata: {name: denyrequest, namespace: istio-system}
+spec: {}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: denyratings, namespace: istio-system}
+spec:
+  match: destination.labels["app"] == "ratings"
+  actions: [{handler: handler.denier, instances: [denyrequest.checknothing]}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: listchecker
+metadata: {name: whitelist, namespace: istio-system}
+spec: {overrides: [v1, v2], blacklist: false}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: listentry
+metadata: {name: destinationversion, namespace: istio-system}
+spec: {value: 'destination.labels["version"] | "none"'}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: checkversion, namespace: istio-system}
+spec:
+  actions: [{handler: whitelist.listchecker, instances: [destinationversion.listentry]}]
+"""
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A Prometheus /metrics page as {series (name and labels): value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            found[series] = float(value)
+    return found
+
+
+def total(metrics: dict[str, float], name: str) -> float:
+    """The sum of every series of `name` (all label sets)."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
+    """wrk (keep-alive small GETs) through two server sidecars' inbound listeners to a haproxy
+    that answers 200 itself: one sidecar's Pilot has no mixerAddress (Mixer off), the other's
+    points at a real `mixs server` (Mixer on: every request Checked, mostly from the proxy's
+    cache, and Reported in batches). Interleaved rounds; each ratio is taken within a round."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from proxy_bench import (  # the wrk and process helpers of the proxy benchmark
+        BIN,
+        HAPROXY_GLOBAL,
+        BenchError,
+        Procs,
+        background_busy,
+        check_free,
+        need,
+        probe,
+        sidecar_argv,
+        wait_port,
+        wait_ready,
+        wrk,
+    )
+
+    haproxy = need("haproxy")
+    need("wrk")
+    for ip, port in (
+        (PROXY_BACKEND_IP, PROXY_BACKEND_PORT),
+        (OFF_IP, SERVICE_PORT),
+        (OFF_IP, 15000),
+        (ON_IP, SERVICE_PORT),
+        (ON_IP, 15000),
+    ):
+        check_free(ip, port)
+    results: dict[str, Any] = {"background": background_busy()}
+    telemetry = (ROOT / "install" / "mixer" / "telemetry.yaml").read_text()
+    with (
+        Server(telemetry + "\n---\n" + PROXY_POLICY) as mixs,
+        tempfile.TemporaryDirectory(prefix="mixer-proxy-bench-") as tmpname,
+    ):
+        tmp = Path(tmpname)
+        procs = Procs(tmp)
+        try:
+            (tmp / "backend.cfg").write_text(
+                HAPROXY_GLOBAL
+                + f"frontend backend\n  bind {PROXY_BACKEND_IP}:{PROXY_BACKEND_PORT}\n"
+                "  http-request return status 200 content-type text/plain string ok\n"
+            )
+            backend = procs.start("backend", [haproxy, "-db", "-f", str(tmp / "backend.cfg")])
+            wait_port(backend, PROXY_BACKEND_IP, PROXY_BACKEND_PORT)
+            (tmp / "registry").mkdir()
+            (tmp / "registry" / "bench-server.yaml").write_text(PROXY_SERVICE)
+            (tmp / "config").mkdir()
+            (tmp / "mesh-on.yaml").write_text(f"mixerAddress: 127.0.0.1:{mixs.port}\n")
+            sidecars = {}
+            for mode, ip in (("off", OFF_IP), ("on", ON_IP)):
+                grpc = f"127.0.0.1:{free_port()}"
+                pilot_argv = [
+                    str(BIN / "pilot-discovery"),
+                    *("--registry", f"file:{tmp / 'registry'}"),
+                    *("--config-store", f"file://{tmp / 'config'}"),
+                    *("--grpc-addr", grpc),
+                    *("--http-addr", f"127.0.0.1:{free_port()}"),
+                ]
+                if mode == "on":
+                    pilot_argv += ["--mesh-config", str(tmp / "mesh-on.yaml")]
+                procs.start(f"pilot-{mode}", pilot_argv).wait_for("serving xDS")
+                sidecars[mode] = procs.start(
+                    f"sidecar-{mode}",
+                    sidecar_argv(
+                        grpc,
+                        ip,
+                        "off",
+                        f"APP_HOST={PROXY_BACKEND_IP}",
+                        f"APP_PORTS={SERVICE_PORT}:{PROXY_BACKEND_PORT}",
+                    ),
+                )
+            host = f"bench-server:{SERVICE_PORT}"
+            for ip in (OFF_IP, ON_IP):
+                wait_ready(ip)
+                status = probe(ip, SERVICE_PORT, host)
+                if not status.startswith("HTTP/1.1 200"):
+                    raise BenchError(f"{ip}:{SERVICE_PORT} answered {status!r}, not 200")
+            sent = 1  # requests to the Mixer-on sidecar: the probe, the warm-ups, the runs
+            before = scrape(mixs.monitoring_port)
+            if total(before, "mixer_check_total") < 1:
+                raise BenchError("the Mixer-on sidecar's probe was not Checked: is Mixer on?")
+            runs: dict[str, list[Any]] = {"off": [], "on": []}
+            mixs_cpu: list[float] = []
+            for round_ in range(options.rounds):
+                for mode, ip in (("off", OFF_IP), ("on", ON_IP)):
+                    url = f"http://{ip}:{SERVICE_PORT}/"
+                    warm = wrk(url, 2, options.connections, 1, host)
+                    watch = {"proxy": sidecars[mode].pid}
+                    mixs_before = mixs.cpu_seconds()
+                    started = time.monotonic()
+                    result = wrk(url, options.duration, options.connections, 1, host, watch)
+                    if mode == "on":
+                        sent += warm.requests + result.requests
+                        mixs_cpu.append(
+                            (mixs.cpu_seconds() - mixs_before) / (time.monotonic() - started)
+                        )
+                    runs[mode].append(result)
+                    print(
+                        f"round {round_ + 1} Mixer {mode}: {result.rps:,.0f} req/s, proxy CPU "
+                        f"{result.cpu['proxy']:.2f}, machine {result.machine:.2f}"
+                        + (f", mixs CPU {mixs_cpu[-1]:.2f}" if mode == "on" else "")
+                        + (f" ({result.errors})" if result.errors else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            # The last batch goes out within report_batch_interval (1 s): wait for Mixer to
+            # have every record, or for its count to stop moving.
+            deadline = time.monotonic() + 10
+            last = -1.0
+            after = before
+            while time.monotonic() < deadline:
+                time.sleep(1.5)
+                after = scrape(mixs.monitoring_port)
+                records = total(after, "mixer_report_records_total")
+                if records >= sent or records == last:
+                    break
+                last = records
+            prometheus = scrape(mixs.prometheus_port)
+        finally:
+            procs.stop_all()
+    results.update(
+        {
+            "off": runs["off"],
+            "on": runs["on"],
+            "ratios": [on.rps / off.rps for off, on in zip(runs["off"], runs["on"], strict=True)],
+            "mixs_cpu": mixs_cpu,
+            "requests_sent": sent,
+            "checks": total(after, "mixer_check_total"),
+            "reports": total(after, "mixer_report_total"),
+            "report_records": total(after, "mixer_report_records_total"),
+            "request_count": total(prometheus, "request_count_total")
+            or total(prometheus, "request_count"),
+        }
+    )
+    return results
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def proxy_markdown(results: dict[str, Any], options: argparse.Namespace) -> str:
+    off, on, ratios = results["off"], results["on"], results["ratios"]
+    ratio = median(ratios)
+    lines = [
+        f"Inbound listener, wrk keep-alive GETs, {options.connections} connections, "
+        f"{options.duration:g} s per run after a 2 s warm-up, {options.rounds} interleaved "
+        f"rounds (medians; the ratio is each round's, then their median); other work on the "
+        f"machine before the run: {results['background']:.2f} cores busy.",
+        "",
+        "| Mixer | req/s | p50 | p99 | proxy CPU (cores) | mixs CPU (cores) "
+        "| machine busy (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs, mixs in (("off", off, None), ("on", on, results["mixs_cpu"])):
+        lines.append(
+            f"| {name} | {median([r.rps for r in runs]):,.0f} "
+            f"| {median([r.p50_ms for r in runs]):.2f} ms "
+            f"| {median([r.p99_ms for r in runs]):.2f} ms "
+            f"| {median([r.cpu['proxy'] for r in runs]):.2f} "
+            f"| {'-' if mixs is None else f'{median(mixs):.2f}'} "
+            f"| {median([r.machine for r in runs]):.2f} |"
+        )
+    verdict = "met" if ratio >= PROXY_TARGET else "**missed**"
+    errors = "; ".join(r.errors for r in off + on if r.errors) or "none"
+    lines += [
+        "",
+        f"| Mixer on / off req/s | **{ratio:.2f}x** (rounds: "
+        f"{', '.join(f'{r:.2f}' for r in ratios)}) | >= {PROXY_TARGET}x, {verdict} |",
+        "|---|---|---|",
+        "",
+        f"Mixer received: {results['checks']:,.0f} Checks, {results['reports']:,.0f} Reports "
+        f"carrying {results['report_records']:,.0f} records; its request_count (42422) "
+        f"{results['request_count']:,.0f}, for {results['requests_sent']:,} requests wrk "
+        f"counted through the Mixer-on sidecar (probe, warm-ups and runs). Errors: {errors}.",
+    ]
+    return "\n".join(lines)
+
+
 def bench(options: argparse.Namespace) -> dict[str, Any]:
     load_arguments = [
         *("--duration", str(options.duration)),
@@ -445,6 +713,14 @@ def main() -> int:
     parser.add_argument("--report-batches", type=int, default=20)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument(
+        "--sections",
+        default="server,proxy",
+        help="comma-separated: server (echo, check, report, cached), proxy (wrk through a "
+        "sidecar with Mixer off and on; needs wrk and haproxy)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="proxy: interleaved rounds")
+    parser.add_argument("--connections", type=int, default=50, help="proxy: wrk connections")
+    parser.add_argument(
         "--python-load",
         action="store_true",
         help="load Checks from a grpc.aio client process instead of h2load",
@@ -463,10 +739,20 @@ def main() -> int:
             result = asyncio.run(load_reports(address, options.report_batches))
         print(json.dumps(result))
         return 0
-    results = bench(options)
-    text = markdown(results, options)
+    sections = set(options.sections.split(","))
+    unknown = sections - {"server", "proxy"}
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))} (server, proxy)")
+    texts = []
+    if "server" in sections:
+        results = bench(options)
+        print(json.dumps(results, indent=2), file=sys.stderr)
+        texts.append(markdown(results, options))
+    if "proxy" in sections:
+        proxy = proxy_section(options)
+        texts.append(proxy_markdown(proxy, options))
+    text = "\n\n".join(texts)
     print(text)
-    print(json.dumps(results, indent=2), file=sys.stderr)
     if options.markdown:
         options.markdown.parent.mkdir(parents=True, exist_ok=True)
         options.markdown.write_text(text + "\n")
