@@ -529,16 +529,18 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
                 if mode == "on":
                     pilot_argv += ["--mesh-config", str(tmp / "mesh-on.yaml")]
                 procs.start(f"pilot-{mode}", pilot_argv).wait_for("serving xDS")
-                sidecars[mode] = procs.start(
-                    f"sidecar-{mode}",
-                    sidecar_argv(
-                        grpc,
-                        ip,
-                        "off",
-                        f"APP_HOST={PROXY_BACKEND_IP}",
-                        f"APP_PORTS={SERVICE_PORT}:{PROXY_BACKEND_PORT}",
-                    ),
+                argv = sidecar_argv(
+                    grpc,
+                    ip,
+                    "off",
+                    f"APP_HOST={PROXY_BACKEND_IP}",
+                    f"APP_PORTS={SERVICE_PORT}:{PROXY_BACKEND_PORT}",
                 )
+                if options.profile_proxy and mode == "on":
+                    # the stats are written when the sidecar exits (SIGTERM at the end)
+                    argv = [sys.executable, "-m", "cProfile", "-o", str(options.profile_proxy),
+                            *argv]  # fmt: skip
+                sidecars[mode] = procs.start(f"sidecar-{mode}", argv)
             host = f"bench-server:{SERVICE_PORT}"
             for ip in (OFF_IP, ON_IP):
                 wait_ready(ip)
@@ -720,6 +722,14 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="proxy: interleaved rounds")
     parser.add_argument("--connections", type=int, default=50, help="proxy: wrk connections")
+    parser.add_argument(
+        "--profile-proxy",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="proxy: run the Mixer-on sidecar under cProfile, its stats to FILE (slows that "
+        "sidecar: its req/s and the ratio are then not the proxy's)",
+    )
     parser.add_argument(
         "--python-load",
         action="store_true",

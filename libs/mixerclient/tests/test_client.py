@@ -3,6 +3,8 @@ splitting, and Check through an in-memory transport."""
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from istio.api.mixer.v1 import check_pb2
 from istio.mixerclient.attributes import GLOBAL_INDEX, decode_report
 from istio.mixerclient.client import (
@@ -20,6 +22,13 @@ def test_signature_follows_presence_conditions() -> None:
     assert signature(PATTERN, {"request.path": "/a"}) == ("/a",)
     assert signature(PATTERN, {"request.headers": {"x-user": "j"}, "request.path": "/a"}) is None
     assert signature(PATTERN, {"request.headers": {}}) is None
+
+
+def test_signature_reads_any_mapping() -> None:
+    headers = MappingProxyType({"x-user": "j"})
+    assert signature((("request.headers", "x-user", True),), {"request.headers": headers}) == ("j",)
+    whole = signature((("request.headers", None, True),), {"request.headers": headers})
+    assert whole == (frozenset({("x-user", "j")}),)
 
 
 def test_cache_bounds() -> None:
@@ -74,5 +83,8 @@ async def test_answers_are_reused_for_the_same_referenced_values() -> None:
         (7, False),
     ]
     assert transport.calls == 2
+    again = await client.check({"request.path": "/x", "request.id": "3"})
+    assert (again.status_code, again.cached, transport.calls) == (7, True, 2)
+    assert client.stats.check_cache_hits == 2
     client.clear_cache()
     assert (await client.check({"request.path": "/x"})).cached is False

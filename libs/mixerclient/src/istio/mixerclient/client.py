@@ -106,6 +106,8 @@ Pattern = tuple[Reference, ...]
 
 
 def _hashable(value: Value) -> Hashable:
+    if type(value) is str:  # the common case, without the Mapping ABC's slower check
+        return value
     if isinstance(value, Mapping):
         return frozenset(value.items())
     if isinstance(value, datetime | timedelta):
@@ -120,7 +122,7 @@ def signature(pattern: Pattern, bag: Mapping[str, Value]) -> tuple[Hashable, ...
     for name, key, present in pattern:
         value = bag.get(name)
         if key is not None:
-            value = value.get(key) if isinstance(value, Mapping) else None
+            value = value.get(key) if type(value) is dict or isinstance(value, Mapping) else None
         if (value is not None) != present:
             return None
         if present:
@@ -181,8 +183,7 @@ class ReferencedCache(Generic[E]):
 
 @dataclass(slots=True)
 class _CheckEntry:
-    status_code: int
-    message: str
+    answer: CheckAnswer  # as a cache hit returns it (cached=True), made once
     expires: float
     uses_left: int
 
@@ -258,7 +259,7 @@ class MixerClient:
         self.stats.checks += 1
         now = self.clock()
         cached = self._cached_check(attributes, now)
-        if cached is not None and not cached.ok:
+        if cached is not None and (not cached.ok or not quotas):
             self.stats.check_cache_hits += 1
             return cached
         wanted = quotas or {}
@@ -283,7 +284,7 @@ class MixerClient:
             self.check_cache.drop(key)
             return None
         entry.uses_left -= 1
-        return CheckAnswer(entry.status_code, entry.message, cached=True)
+        return entry.answer
 
     def _take_from_pool(
         self, name: str, attributes: Mapping[str, Value], amount: int, now: float
@@ -349,8 +350,7 @@ class MixerClient:
                 pattern,
                 attributes,
                 _CheckEntry(
-                    precondition.status.code,
-                    precondition.status.message,
+                    CheckAnswer(precondition.status.code, precondition.status.message, cached=True),
                     now + valid,
                     precondition.valid_use_count - 1,
                 ),
