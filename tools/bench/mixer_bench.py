@@ -215,10 +215,17 @@ def echo_server(port: int) -> None:
     async def check(request: bytes, context: Any) -> bytes:
         return reply
 
+    async def report(request: bytes, context: Any) -> bytes:
+        return b""  # an empty ReportResponse
+
     async def serve() -> None:
         server = grpc.aio.server()
         handler = grpc.method_handlers_generic_handler(
-            "istio.mixer.v1.Mixer", {"Check": grpc.unary_unary_rpc_method_handler(check)}
+            "istio.mixer.v1.Mixer",
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(check),
+                "Report": grpc.unary_unary_rpc_method_handler(report),
+            },
         )
         server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(f"127.0.0.1:{port}")
@@ -387,10 +394,15 @@ def cached_check_cost(calls: int = 200_000) -> float:
 
 # The proxy with Mixer off and on: wrk through a server sidecar's inbound listener.
 
-PROXY_BACKEND_IP, OFF_IP, ON_IP = "127.0.0.231", "127.0.0.232", "127.0.0.233"
+PROXY_BACKEND_IP, OFF_IP, ON_IP, STUB_IP = (
+    "127.0.0.231",
+    "127.0.0.232",
+    "127.0.0.233",
+    "127.0.0.234",
+)
 PROXY_BACKEND_PORT, SERVICE_PORT = 8080, 9080
 PROXY_TARGET = 0.8
-# One service whose two endpoints are the two server sidecars: each sidecar's Pilot gives it
+# One service whose endpoints are the server sidecars: each sidecar's Pilot gives it
 # the inbound listener of its own endpoint (its Mixer attributes: destination.service
 # bench-server..., destination.labels app=bench-server, version=v1).
 PROXY_SERVICE = f"""\
@@ -405,6 +417,7 @@ spec:
   endpoints:
   - {{address: {OFF_IP}, labels: {{app: bench-server, version: v1}}}}
   - {{address: {ON_IP}, labels: {{app: bench-server, version: v1}}}}
+  - {{address: {STUB_IP}, labels: {{app: bench-server, version: v1}}}}
 """
 # The check rules every proxied request meets (besides install/mixer's telemetry): a denier
 # whose match is false for it, and a listchecker whitelist that passes. Mixer's answer
@@ -466,10 +479,12 @@ def total(metrics: dict[str, float], name: str) -> float:
 
 
 def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
-    """wrk (keep-alive small GETs) through two server sidecars' inbound listeners to a haproxy
-    that answers 200 itself: one sidecar's Pilot has no mixerAddress (Mixer off), the other's
-    points at a real `mixs server` (Mixer on: every request Checked, mostly from the proxy's
-    cache, and Reported in batches). Interleaved rounds; each ratio is taken within a round."""
+    """wrk (keep-alive small GETs) through server sidecars' inbound listeners to a haproxy that
+    answers 200 itself. Three sidecars, each with its own Pilot: `off` (no mixerAddress),
+    `on` (mixerAddress: a real `mixs server`; every request Checked, mostly from the proxy's
+    cache, and Reported in batches) and `stub` (mixerAddress: the echo server, answering Check
+    and Report without work: the proxy's own cost of Mixer, with next to nothing else taking
+    the cores). Interleaved rounds; each ratio is taken within a round."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from proxy_bench import (  # the wrk and process helpers of the proxy benchmark
         BIN,
@@ -488,18 +503,16 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
 
     haproxy = need("haproxy")
     need("wrk")
-    for ip, port in (
-        (PROXY_BACKEND_IP, PROXY_BACKEND_PORT),
-        (OFF_IP, SERVICE_PORT),
-        (OFF_IP, 15000),
-        (ON_IP, SERVICE_PORT),
-        (ON_IP, 15000),
-    ):
-        check_free(ip, port)
+    modes = {"off": OFF_IP, "on": ON_IP, "stub": STUB_IP}
+    check_free(PROXY_BACKEND_IP, PROXY_BACKEND_PORT)
+    for ip in modes.values():
+        check_free(ip, SERVICE_PORT)
+        check_free(ip, 15000)
     results: dict[str, Any] = {"background": background_busy()}
     telemetry = (ROOT / "install" / "mixer" / "telemetry.yaml").read_text()
     with (
         Server(telemetry + "\n---\n" + PROXY_POLICY) as mixs,
+        Server(None) as stub,
         tempfile.TemporaryDirectory(prefix="mixer-proxy-bench-") as tmpname,
     ):
         tmp = Path(tmpname)
@@ -515,9 +528,8 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
             (tmp / "registry").mkdir()
             (tmp / "registry" / "bench-server.yaml").write_text(PROXY_SERVICE)
             (tmp / "config").mkdir()
-            (tmp / "mesh-on.yaml").write_text(f"mixerAddress: 127.0.0.1:{mixs.port}\n")
             sidecars = {}
-            for mode, ip in (("off", OFF_IP), ("on", ON_IP)):
+            for mode, ip in modes.items():
                 grpc = f"127.0.0.1:{free_port()}"
                 pilot_argv = [
                     str(BIN / "pilot-discovery"),
@@ -526,8 +538,11 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
                     *("--grpc-addr", grpc),
                     *("--http-addr", f"127.0.0.1:{free_port()}"),
                 ]
-                if mode == "on":
-                    pilot_argv += ["--mesh-config", str(tmp / "mesh-on.yaml")]
+                if mode != "off":
+                    mesh = tmp / f"mesh-{mode}.yaml"
+                    port = mixs.port if mode == "on" else stub.port
+                    mesh.write_text(f"mixerAddress: 127.0.0.1:{port}\n")
+                    pilot_argv += ["--mesh-config", str(mesh)]
                 procs.start(f"pilot-{mode}", pilot_argv).wait_for("serving xDS")
                 argv = sidecar_argv(
                     grpc,
@@ -542,7 +557,7 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
                             *argv]  # fmt: skip
                 sidecars[mode] = procs.start(f"sidecar-{mode}", argv)
             host = f"bench-server:{SERVICE_PORT}"
-            for ip in (OFF_IP, ON_IP):
+            for ip in modes.values():
                 wait_ready(ip)
                 status = probe(ip, SERVICE_PORT, host)
                 if not status.startswith("HTTP/1.1 200"):
@@ -551,26 +566,29 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
             before = scrape(mixs.monitoring_port)
             if total(before, "mixer_check_total") < 1:
                 raise BenchError("the Mixer-on sidecar's probe was not Checked: is Mixer on?")
-            runs: dict[str, list[Any]] = {"off": [], "on": []}
-            mixs_cpu: list[float] = []
+            runs: dict[str, list[Any]] = {mode: [] for mode in modes}
+            mixer_cpu: dict[str, list[float]] = {"on": [], "stub": []}
+            servers = {"on": mixs, "stub": stub}
             for round_ in range(options.rounds):
-                for mode, ip in (("off", OFF_IP), ("on", ON_IP)):
+                for mode, ip in modes.items():
                     url = f"http://{ip}:{SERVICE_PORT}/"
                     warm = wrk(url, 2, options.connections, 1, host)
                     watch = {"proxy": sidecars[mode].pid}
-                    mixs_before = mixs.cpu_seconds()
+                    server = servers.get(mode)
+                    server_before = server.cpu_seconds() if server else 0.0
                     started = time.monotonic()
                     result = wrk(url, options.duration, options.connections, 1, host, watch)
+                    if server is not None:
+                        mixer_cpu[mode].append(
+                            (server.cpu_seconds() - server_before) / (time.monotonic() - started)
+                        )
                     if mode == "on":
                         sent += warm.requests + result.requests
-                        mixs_cpu.append(
-                            (mixs.cpu_seconds() - mixs_before) / (time.monotonic() - started)
-                        )
                     runs[mode].append(result)
                     print(
                         f"round {round_ + 1} Mixer {mode}: {result.rps:,.0f} req/s, proxy CPU "
                         f"{result.cpu['proxy']:.2f}, machine {result.machine:.2f}"
-                        + (f", mixs CPU {mixs_cpu[-1]:.2f}" if mode == "on" else "")
+                        + (f", Mixer CPU {mixer_cpu[mode][-1]:.2f}" if server else "")
                         + (f" ({result.errors})" if result.errors else ""),
                         file=sys.stderr,
                         flush=True,
@@ -592,10 +610,12 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
             procs.stop_all()
     results.update(
         {
-            "off": runs["off"],
-            "on": runs["on"],
-            "ratios": [on.rps / off.rps for off, on in zip(runs["off"], runs["on"], strict=True)],
-            "mixs_cpu": mixs_cpu,
+            "runs": runs,
+            "mixer_cpu": mixer_cpu,
+            "ratios": {
+                mode: [r.rps / off.rps for off, r in zip(runs["off"], runs[mode], strict=True)]
+                for mode in ("on", "stub")
+            },
             "requests_sent": sent,
             "checks": total(after, "mixer_check_total"),
             "reports": total(after, "mixer_report_total"),
@@ -611,37 +631,55 @@ def median(values: list[float]) -> float:
     return sorted(values)[(len(values) - 1) // 2]
 
 
+def cpu_per_request(runs: list[Any]) -> list[float]:
+    """Microseconds of the proxy's CPU time per request in each run."""
+    return [r.cpu["proxy"] / r.rps * 1e6 for r in runs]
+
+
 def proxy_markdown(results: dict[str, Any], options: argparse.Namespace) -> str:
-    off, on, ratios = results["off"], results["on"], results["ratios"]
-    ratio = median(ratios)
+    runs, ratios = results["runs"], results["ratios"]
     lines = [
         f"Inbound listener, wrk keep-alive GETs, {options.connections} connections, "
         f"{options.duration:g} s per run after a 2 s warm-up, {options.rounds} interleaved "
-        f"rounds (medians; the ratio is each round's, then their median); other work on the "
+        f"rounds (medians; each ratio is the round's, then their median); other work on the "
         f"machine before the run: {results['background']:.2f} cores busy.",
         "",
-        "| Mixer | req/s | p50 | p99 | proxy CPU (cores) | mixs CPU (cores) "
-        "| machine busy (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| Mixer | req/s | p50 | p99 | proxy CPU (cores) | proxy CPU per request "
+        "| Mixer's CPU (cores) | machine busy (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, runs, mixs in (("off", off, None), ("on", on, results["mixs_cpu"])):
+    names = {"off": "off", "on": "on (`mixs`)", "stub": "on (stub Mixer)"}
+    for mode, name in names.items():
+        mixer = results["mixer_cpu"].get(mode)
         lines.append(
-            f"| {name} | {median([r.rps for r in runs]):,.0f} "
-            f"| {median([r.p50_ms for r in runs]):.2f} ms "
-            f"| {median([r.p99_ms for r in runs]):.2f} ms "
-            f"| {median([r.cpu['proxy'] for r in runs]):.2f} "
-            f"| {'-' if mixs is None else f'{median(mixs):.2f}'} "
-            f"| {median([r.machine for r in runs]):.2f} |"
+            f"| {name} | {median([r.rps for r in runs[mode]]):,.0f} "
+            f"| {median([r.p50_ms for r in runs[mode]]):.2f} ms "
+            f"| {median([r.p99_ms for r in runs[mode]]):.2f} ms "
+            f"| {median([r.cpu['proxy'] for r in runs[mode]]):.2f} "
+            f"| {median(cpu_per_request(runs[mode])):.0f} µs "
+            f"| {'-' if mixer is None else f'{median(mixer):.2f}'} "
+            f"| {median([r.machine for r in runs[mode]]):.2f} |"
         )
-    verdict = "met" if ratio >= PROXY_TARGET else "**missed**"
-    errors = "; ".join(r.errors for r in off + on if r.errors) or "none"
+    errors = "; ".join(r.errors for rs in runs.values() for r in rs if r.errors) or "none"
+    lines += ["", "| ratio | measured | target |", "|---|---|---|"]
+    for mode in ("on", "stub"):
+        ratio = median(ratios[mode])
+        # What the proxy would keep were it CPU-bound on a core of its own: the inverse
+        # ratio of its CPU time per request, per round.
+        alone = [
+            o / n
+            for o, n in zip(cpu_per_request(runs["off"]), cpu_per_request(runs[mode]), strict=True)
+        ]
+        verdict = "met" if ratio >= PROXY_TARGET else "**missed**"
+        lines += [
+            f"| {names[mode]} / off req/s | **{ratio:.2f}x** (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in ratios[mode])}) | >= {PROXY_TARGET}x, {verdict} |",
+            f"| proxy CPU per request, off / {names[mode]} | {median(alone):.2f}x (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in alone)}) | |",
+        ]
     lines += [
         "",
-        f"| Mixer on / off req/s | **{ratio:.2f}x** (rounds: "
-        f"{', '.join(f'{r:.2f}' for r in ratios)}) | >= {PROXY_TARGET}x, {verdict} |",
-        "|---|---|---|",
-        "",
-        f"Mixer received: {results['checks']:,.0f} Checks, {results['reports']:,.0f} Reports "
+        f"`mixs` received: {results['checks']:,.0f} Checks, {results['reports']:,.0f} Reports "
         f"carrying {results['report_records']:,.0f} records; its request_count (42422) "
         f"{results['request_count']:,.0f}, for {results['requests_sent']:,} requests wrk "
         f"counted through the Mixer-on sidecar (probe, warm-ups and runs). Errors: {errors}.",

@@ -464,11 +464,17 @@ def changed(previous: Mapping[str, Value], current: Mapping[str, Value]) -> dict
     `current` lacks some attribute `previous` had (a delta cannot remove one)."""
     if not previous.keys() <= current.keys():
         return None
+    before = previous.get
+    # Most values of consecutive records are the very same objects (a listener's destination
+    # attributes): `is` settles those without comparing maps or timestamps.
     return {
         name: value
         for name, value in current.items()
-        if name not in previous or previous[name] != value
+        if (old := before(name, _ABSENT)) is not value and old != value
     }
+
+
+_ABSENT = object()
 
 
 def referenced_words(

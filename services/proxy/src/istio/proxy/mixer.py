@@ -231,15 +231,11 @@ def report_attributes(
     duration: float,
 ) -> dict[str, Any]:
     report = dict(bag)
-    report.update(
-        {
-            "response.code": status,
-            "response.size": response_bytes,
-            "request.size": request_bytes,
-            "response.duration": datetime.timedelta(seconds=duration),
-            "response.time": datetime.datetime.now(datetime.UTC),
-        }
-    )
+    report["response.code"] = status
+    report["response.size"] = response_bytes
+    report["request.size"] = request_bytes
+    report["response.duration"] = datetime.timedelta(seconds=duration)
+    report["response.time"] = datetime.datetime.now(datetime.UTC)
     return report
 
 
