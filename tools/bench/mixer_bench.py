@@ -1,8 +1,10 @@
-"""Mixer: server Checks/s against a bare grpc.aio unary server, batched Report bags/s, and the
-client library's cached Check, all on loopback.
+"""Mixer: server Checks/s against a bare grpc.aio unary server, batched Report bags/s, the
+client library's cached Check, and the proxy's throughput with Mixer on against off, all on
+loopback.
 
-    .venv/bin/python tools/bench/mixer_bench.py [--duration 5 --concurrency 64
-        --report-batches 20 --markdown build/bench/mixer_bench.md]
+    .venv/bin/python tools/bench/mixer_bench.py [--sections server,proxy] [--duration 5
+        --concurrency 64 --report-batches 20 --rounds 3 --connections 50
+        --markdown build/bench/mixer_bench.md] [--profile-proxy FILE]
 
 Runs, each server in its own process (`mixs server` over a file config store) and the load
 from another process (this file with --load), so that server and client do not share a loop:
@@ -23,8 +25,28 @@ from another process (this file with --load), so that server and client do not s
   cached    in this process: istio.mixerclient's MixerClient answering a Check from its cache
             (after one call to a canned transport), timed over 200,000 calls.
 
-Ratios are what matter (check/echo); absolute figures move with whatever else runs here. The
-CPU load seen from other processes during the run is reported beside them.
+The proxy section (needs wrk and haproxy; addresses 127.0.0.231-234): wrk, `--connections`
+keep-alive connections for `--duration` seconds after a 2 s warm-up, sends small GETs to the
+inbound listener of a server sidecar (`pilot-agent proxy sidecar`, INTERCEPTION_MODE=NONE,
+APP_HOST/APP_PORTS to a haproxy answering 200 itself), each sidecar fed by its own
+`pilot-discovery`:
+
+  off       no mixerAddress in the mesh config: no Mixer filter;
+  on        mixerAddress: a `mixs server` with install/mixer's telemetry (Prometheus metrics
+            and the stdio access log, written to a file) and two check rules (a denier whose
+            match is false, a listchecker whitelist that passes): every request Checked
+            (from the proxy's cache after the first of each valid period) and Reported
+            (batched);
+  stub      mixerAddress: the echo server above, answering Check and Report without work:
+            the proxy's own cost of Mixer, with next to no Mixer CPU on the shared cores.
+
+`--rounds` interleaved rounds; each ratio is taken within a round, then their median. The
+report also gives each proxy's CPU and CPU time per request, Mixer's CPU, and what `mixs`
+received (Checks and Reports on its monitoring port, request_count on its Prometheus port)
+against the requests wrk counted.
+
+Ratios are what matter (check/echo, on/off); absolute figures move with whatever else runs
+here. The CPU load seen from other processes during the run is reported beside them.
 """
 
 from __future__ import annotations
@@ -37,6 +59,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -593,6 +616,40 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
                         file=sys.stderr,
                         flush=True,
                     )
+            # Side by side: wrk to `off` and to `stub` at the same time, so both sidecars meet
+            # the same neighbours (other sessions' work comes and goes between sequential runs).
+            pair: dict[str, Any] = {}
+            threads = [
+                threading.Thread(
+                    target=lambda mode=mode: pair.__setitem__(
+                        mode,
+                        wrk(
+                            f"http://{modes[mode]}:{SERVICE_PORT}/",
+                            options.duration,
+                            options.connections // 2,
+                            1,
+                            host,
+                            {"proxy": sidecars[mode].pid},
+                        ),
+                    )
+                )
+                for mode in ("off", "stub")
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if set(pair) != {"off", "stub"}:
+                raise BenchError("a side-by-side wrk run failed (see above)")
+            print(
+                "side by side: "
+                + ", ".join(
+                    f"{m} {r.rps:,.0f} req/s proxy CPU {r.cpu['proxy']:.2f}"
+                    for m, r in pair.items()
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
             # The last batch goes out within report_batch_interval (1 s): wait for Mixer to
             # have every record, or for its count to stop moving.
             deadline = time.monotonic() + 10
@@ -611,6 +668,7 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
     results.update(
         {
             "runs": runs,
+            "side_by_side": pair,
             "mixer_cpu": mixer_cpu,
             "ratios": {
                 mode: [r.rps / off.rps for off, r in zip(runs["off"], runs[mode], strict=True)]
@@ -677,7 +735,16 @@ def proxy_markdown(results: dict[str, Any], options: argparse.Namespace) -> str:
             f"| proxy CPU per request, off / {names[mode]} | {median(alone):.2f}x (rounds: "
             f"{', '.join(f'{r:.2f}' for r in alone)}) | |",
         ]
+    off, stub = results["side_by_side"]["off"], results["side_by_side"]["stub"]
     lines += [
+        "",
+        f"Side by side (wrk to `off` and to the stub-Mixer sidecar at once, "
+        f"{options.connections // 2} connections each, {options.duration:g} s): off "
+        f"{off.rps:,.0f} req/s at {off.cpu['proxy']:.2f} cores "
+        f"({cpu_per_request([off])[0]:.0f} µs/request), stub Mixer {stub.rps:,.0f} req/s at "
+        f"{stub.cpu['proxy']:.2f} cores ({cpu_per_request([stub])[0]:.0f} µs/request): "
+        f"**{stub.rps / off.rps:.2f}x** the requests, "
+        f"{cpu_per_request([off])[0] / cpu_per_request([stub])[0]:.2f}x per CPU second.",
         "",
         f"`mixs` received: {results['checks']:,.0f} Checks, {results['reports']:,.0f} Reports "
         f"carrying {results['report_records']:,.0f} records; its request_count (42422) "
