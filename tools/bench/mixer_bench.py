@@ -1,8 +1,10 @@
-"""Mixer: server Checks/s against a bare grpc.aio unary server, batched Report bags/s, and the
-client library's cached Check, all on loopback.
+"""Mixer: server Checks/s against a bare grpc.aio unary server, batched Report bags/s, the
+client library's cached Check, and the proxy's throughput with Mixer on against off, all on
+loopback.
 
-    .venv/bin/python tools/bench/mixer_bench.py [--duration 5 --concurrency 64
-        --report-batches 20 --markdown build/bench/mixer_bench.md]
+    .venv/bin/python tools/bench/mixer_bench.py [--sections server,proxy] [--duration 5
+        --concurrency 64 --report-batches 20 --rounds 3 --connections 50
+        --markdown build/bench/mixer_bench.md] [--profile-proxy FILE]
 
 Runs, each server in its own process (`mixs server` over a file config store) and the load
 from another process (this file with --load), so that server and client do not share a loop:
@@ -23,8 +25,28 @@ from another process (this file with --load), so that server and client do not s
   cached    in this process: istio.mixerclient's MixerClient answering a Check from its cache
             (after one call to a canned transport), timed over 200,000 calls.
 
-Ratios are what matter (check/echo); absolute figures move with whatever else runs here. The
-CPU load seen from other processes during the run is reported beside them.
+The proxy section (needs wrk and haproxy; addresses 127.0.0.231-234): wrk, `--connections`
+keep-alive connections for `--duration` seconds after a 2 s warm-up, sends small GETs to the
+inbound listener of a server sidecar (`pilot-agent proxy sidecar`, INTERCEPTION_MODE=NONE,
+APP_HOST/APP_PORTS to a haproxy answering 200 itself), each sidecar fed by its own
+`pilot-discovery`:
+
+  off       no mixerAddress in the mesh config: no Mixer filter;
+  on        mixerAddress: a `mixs server` with install/mixer's telemetry (Prometheus metrics
+            and the stdio access log, written to a file) and two check rules (a denier whose
+            match is false, a listchecker whitelist that passes): every request Checked
+            (from the proxy's cache after the first of each valid period) and Reported
+            (batched);
+  stub      mixerAddress: the echo server above, answering Check and Report without work:
+            the proxy's own cost of Mixer, with next to no Mixer CPU on the shared cores.
+
+`--rounds` interleaved rounds; each ratio is taken within a round, then their median. The
+report also gives each proxy's CPU and CPU time per request, Mixer's CPU, and what `mixs`
+received (Checks and Reports on its monitoring port, request_count on its Prometheus port)
+against the requests wrk counted.
+
+Ratios are what matter (check/echo, on/off); absolute figures move with whatever else runs
+here. The CPU load seen from other processes during the run is reported beside them.
 """
 
 from __future__ import annotations
@@ -37,6 +59,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -215,10 +238,17 @@ def echo_server(port: int) -> None:
     async def check(request: bytes, context: Any) -> bytes:
         return reply
 
+    async def report(request: bytes, context: Any) -> bytes:
+        return b""  # an empty ReportResponse
+
     async def serve() -> None:
         server = grpc.aio.server()
         handler = grpc.method_handlers_generic_handler(
-            "istio.mixer.v1.Mixer", {"Check": grpc.unary_unary_rpc_method_handler(check)}
+            "istio.mixer.v1.Mixer",
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(check),
+                "Report": grpc.unary_unary_rpc_method_handler(report),
+            },
         )
         server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(f"127.0.0.1:{port}")
@@ -243,32 +273,38 @@ class Server:
     def __init__(self, config: str | None) -> None:
         self.port = free_port()
         self.monitoring_port = free_port()
+        self.prometheus_port = free_port()
         self.config = config
         self.process: subprocess.Popen[str] | None = None
         self.directory = tempfile.TemporaryDirectory()
+        # mixs's stdout (the access log's lines, with the default telemetry) goes to a file:
+        # a pipe nobody reads would fill and stall it
+        self.log = Path(self.directory.name) / "mixs.log"
 
     def __enter__(self) -> Server:
         if self.config is None:
             command = [sys.executable, __file__, "--echo-server", str(self.port)]
             marker = "ready"
         else:
-            store = Path(self.directory.name)
+            store = Path(self.directory.name) / "store"
+            store.mkdir()
             (store / "config.yaml").write_text(self.config)
             command = [
                 sys.executable, "-m", "istio.mixer", "server",
                 "--config-store", f"file://{store}",
                 "--grpc-addr", f"127.0.0.1:{self.port}",
                 "--monitoring-addr", f"127.0.0.1:{self.monitoring_port}",
-                "--prometheus-addr", f"127.0.0.1:{free_port()}",
+                "--prometheus-addr", f"127.0.0.1:{self.prometheus_port}",
                 "--log-level", "warning",
             ]  # fmt: skip
             marker = None
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert self.process.stdout is not None
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE if marker else log, stderr=subprocess.STDOUT,
+                text=True, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
         if marker is not None:
+            assert self.process.stdout is not None
             line = self.process.stdout.readline()
             if marker not in line:
                 raise RuntimeError(f"the server did not start: {line}")
@@ -379,6 +415,345 @@ def cached_check_cost(calls: int = 200_000) -> float:
     return asyncio.run(run())
 
 
+# The proxy with Mixer off and on: wrk through a server sidecar's inbound listener.
+
+PROXY_BACKEND_IP, OFF_IP, ON_IP, STUB_IP = (
+    "127.0.0.231",
+    "127.0.0.232",
+    "127.0.0.233",
+    "127.0.0.234",
+)
+PROXY_BACKEND_PORT, SERVICE_PORT = 8080, 9080
+PROXY_TARGET = 0.8
+# One service whose endpoints are the server sidecars: each sidecar's Pilot gives it
+# the inbound listener of its own endpoint (its Mixer attributes: destination.service
+# bench-server..., destination.labels app=bench-server, version=v1).
+PROXY_SERVICE = f"""\
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: bench-server}}
+spec:
+  hosts: [bench-server.default.svc.cluster.local]
+  ports: [{{number: {SERVICE_PORT}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints:
+  - {{address: {OFF_IP}, labels: {{app: bench-server, version: v1}}}}
+  - {{address: {ON_IP}, labels: {{app: bench-server, version: v1}}}}
+  - {{address: {STUB_IP}, labels: {{app: bench-server, version: v1}}}}
+"""
+# The check rules every proxied request meets (besides install/mixer's telemetry): a denier
+# whose match is false for it, and a listchecker whitelist that passes. Mixer's answer
+# references destination.labels only, so the proxy's cache answers all but the first Check of
+# each valid period (10 s, 10,000 uses).
+PROXY_POLICY = """
+apiVersion: config.istio.io/v1alpha2
+kind: denier
+metadata: {name: handler, namespace: istio-system}
+spec: {status: {code: 7, message: Not allowed}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: checknothing
+metadata: {name: denyrequest, namespace: istio-system}
+spec: {}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: denyratings, namespace: istio-system}
+spec:
+  match: destination.labels["app"] == "ratings"
+  actions: [{handler: handler.denier, instances: [denyrequest.checknothing]}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: listchecker
+metadata: {name: whitelist, namespace: istio-system}
+spec: {overrides: [v1, v2], blacklist: false}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: listentry
+metadata: {name: destinationversion, namespace: istio-system}
+spec: {value: 'destination.labels["version"] | "none"'}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: checkversion, namespace: istio-system}
+spec:
+  actions: [{handler: whitelist.listchecker, instances: [destinationversion.listentry]}]
+"""
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A Prometheus /metrics page as {series (name and labels): value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            found[series] = float(value)
+    return found
+
+
+def total(metrics: dict[str, float], name: str) -> float:
+    """The sum of every series of `name` (all label sets)."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
+    """wrk (keep-alive small GETs) through server sidecars' inbound listeners to a haproxy that
+    answers 200 itself. Three sidecars, each with its own Pilot: `off` (no mixerAddress),
+    `on` (mixerAddress: a real `mixs server`; every request Checked, mostly from the proxy's
+    cache, and Reported in batches) and `stub` (mixerAddress: the echo server, answering Check
+    and Report without work: the proxy's own cost of Mixer, with next to nothing else taking
+    the cores). Interleaved rounds; each ratio is taken within a round."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from proxy_bench import (  # the wrk and process helpers of the proxy benchmark
+        BIN,
+        HAPROXY_GLOBAL,
+        BenchError,
+        Procs,
+        background_busy,
+        check_free,
+        need,
+        probe,
+        sidecar_argv,
+        wait_port,
+        wait_ready,
+        wrk,
+    )
+
+    haproxy = need("haproxy")
+    need("wrk")
+    modes = {"off": OFF_IP, "on": ON_IP, "stub": STUB_IP}
+    check_free(PROXY_BACKEND_IP, PROXY_BACKEND_PORT)
+    for ip in modes.values():
+        check_free(ip, SERVICE_PORT)
+        check_free(ip, 15000)
+    results: dict[str, Any] = {"background": background_busy()}
+    telemetry = (ROOT / "install" / "mixer" / "telemetry.yaml").read_text()
+    with (
+        Server(telemetry + "\n---\n" + PROXY_POLICY) as mixs,
+        Server(None) as stub,
+        tempfile.TemporaryDirectory(prefix="mixer-proxy-bench-") as tmpname,
+    ):
+        tmp = Path(tmpname)
+        procs = Procs(tmp)
+        try:
+            (tmp / "backend.cfg").write_text(
+                HAPROXY_GLOBAL
+                + f"frontend backend\n  bind {PROXY_BACKEND_IP}:{PROXY_BACKEND_PORT}\n"
+                "  http-request return status 200 content-type text/plain string ok\n"
+            )
+            backend = procs.start("backend", [haproxy, "-db", "-f", str(tmp / "backend.cfg")])
+            wait_port(backend, PROXY_BACKEND_IP, PROXY_BACKEND_PORT)
+            (tmp / "registry").mkdir()
+            (tmp / "registry" / "bench-server.yaml").write_text(PROXY_SERVICE)
+            (tmp / "config").mkdir()
+            sidecars = {}
+            for mode, ip in modes.items():
+                grpc = f"127.0.0.1:{free_port()}"
+                pilot_argv = [
+                    str(BIN / "pilot-discovery"),
+                    *("--registry", f"file:{tmp / 'registry'}"),
+                    *("--config-store", f"file://{tmp / 'config'}"),
+                    *("--grpc-addr", grpc),
+                    *("--http-addr", f"127.0.0.1:{free_port()}"),
+                ]
+                if mode != "off":
+                    mesh = tmp / f"mesh-{mode}.yaml"
+                    port = mixs.port if mode == "on" else stub.port
+                    mesh.write_text(f"mixerAddress: 127.0.0.1:{port}\n")
+                    pilot_argv += ["--mesh-config", str(mesh)]
+                procs.start(f"pilot-{mode}", pilot_argv).wait_for("serving xDS")
+                argv = sidecar_argv(
+                    grpc,
+                    ip,
+                    "off",
+                    f"APP_HOST={PROXY_BACKEND_IP}",
+                    f"APP_PORTS={SERVICE_PORT}:{PROXY_BACKEND_PORT}",
+                )
+                if options.profile_proxy and mode == "on":
+                    # the stats are written when the sidecar exits (SIGTERM at the end)
+                    argv = [sys.executable, "-m", "cProfile", "-o", str(options.profile_proxy),
+                            *argv]  # fmt: skip
+                sidecars[mode] = procs.start(f"sidecar-{mode}", argv)
+            host = f"bench-server:{SERVICE_PORT}"
+            for ip in modes.values():
+                wait_ready(ip)
+                status = probe(ip, SERVICE_PORT, host)
+                if not status.startswith("HTTP/1.1 200"):
+                    raise BenchError(f"{ip}:{SERVICE_PORT} answered {status!r}, not 200")
+            sent = 1  # requests to the Mixer-on sidecar: the probe, the warm-ups, the runs
+            before = scrape(mixs.monitoring_port)
+            if total(before, "mixer_check_total") < 1:
+                raise BenchError("the Mixer-on sidecar's probe was not Checked: is Mixer on?")
+            runs: dict[str, list[Any]] = {mode: [] for mode in modes}
+            mixer_cpu: dict[str, list[float]] = {"on": [], "stub": []}
+            servers = {"on": mixs, "stub": stub}
+            for round_ in range(options.rounds):
+                for mode, ip in modes.items():
+                    url = f"http://{ip}:{SERVICE_PORT}/"
+                    warm = wrk(url, 2, options.connections, 1, host)
+                    watch = {"proxy": sidecars[mode].pid}
+                    server = servers.get(mode)
+                    server_before = server.cpu_seconds() if server else 0.0
+                    started = time.monotonic()
+                    result = wrk(url, options.duration, options.connections, 1, host, watch)
+                    if server is not None:
+                        mixer_cpu[mode].append(
+                            (server.cpu_seconds() - server_before) / (time.monotonic() - started)
+                        )
+                    if mode == "on":
+                        sent += warm.requests + result.requests
+                    runs[mode].append(result)
+                    print(
+                        f"round {round_ + 1} Mixer {mode}: {result.rps:,.0f} req/s, proxy CPU "
+                        f"{result.cpu['proxy']:.2f}, machine {result.machine:.2f}"
+                        + (f", Mixer CPU {mixer_cpu[mode][-1]:.2f}" if server else "")
+                        + (f" ({result.errors})" if result.errors else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            # Side by side: wrk to `off` and to `stub` at the same time, so both sidecars meet
+            # the same neighbours (other sessions' work comes and goes between sequential runs).
+            pair: dict[str, Any] = {}
+            threads = [
+                threading.Thread(
+                    target=lambda mode=mode: pair.__setitem__(
+                        mode,
+                        wrk(
+                            f"http://{modes[mode]}:{SERVICE_PORT}/",
+                            options.duration,
+                            options.connections // 2,
+                            1,
+                            host,
+                            {"proxy": sidecars[mode].pid},
+                        ),
+                    )
+                )
+                for mode in ("off", "stub")
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if set(pair) != {"off", "stub"}:
+                raise BenchError("a side-by-side wrk run failed (see above)")
+            print(
+                "side by side: "
+                + ", ".join(
+                    f"{m} {r.rps:,.0f} req/s proxy CPU {r.cpu['proxy']:.2f}"
+                    for m, r in pair.items()
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+            # The last batch goes out within report_batch_interval (1 s): wait for Mixer to
+            # have every record, or for its count to stop moving.
+            deadline = time.monotonic() + 10
+            last = -1.0
+            after = before
+            while time.monotonic() < deadline:
+                time.sleep(1.5)
+                after = scrape(mixs.monitoring_port)
+                records = total(after, "mixer_report_records_total")
+                if records >= sent or records == last:
+                    break
+                last = records
+            prometheus = scrape(mixs.prometheus_port)
+        finally:
+            procs.stop_all()
+    results.update(
+        {
+            "runs": runs,
+            "side_by_side": pair,
+            "mixer_cpu": mixer_cpu,
+            "ratios": {
+                mode: [r.rps / off.rps for off, r in zip(runs["off"], runs[mode], strict=True)]
+                for mode in ("on", "stub")
+            },
+            "requests_sent": sent,
+            "checks": total(after, "mixer_check_total"),
+            "reports": total(after, "mixer_report_total"),
+            "report_records": total(after, "mixer_report_records_total"),
+            "request_count": total(prometheus, "request_count_total")
+            or total(prometheus, "request_count"),
+        }
+    )
+    return results
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def cpu_per_request(runs: list[Any]) -> list[float]:
+    """Microseconds of the proxy's CPU time per request in each run."""
+    return [r.cpu["proxy"] / r.rps * 1e6 for r in runs]
+
+
+def proxy_markdown(results: dict[str, Any], options: argparse.Namespace) -> str:
+    runs, ratios = results["runs"], results["ratios"]
+    lines = [
+        f"Inbound listener, wrk keep-alive GETs, {options.connections} connections, "
+        f"{options.duration:g} s per run after a 2 s warm-up, {options.rounds} interleaved "
+        f"rounds (medians; each ratio is the round's, then their median); other work on the "
+        f"machine before the run: {results['background']:.2f} cores busy.",
+        "",
+        "| Mixer | req/s | p50 | p99 | proxy CPU (cores) | proxy CPU per request "
+        "| Mixer's CPU (cores) | machine busy (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {"off": "off", "on": "on (`mixs`)", "stub": "on (stub Mixer)"}
+    for mode, name in names.items():
+        mixer = results["mixer_cpu"].get(mode)
+        lines.append(
+            f"| {name} | {median([r.rps for r in runs[mode]]):,.0f} "
+            f"| {median([r.p50_ms for r in runs[mode]]):.2f} ms "
+            f"| {median([r.p99_ms for r in runs[mode]]):.2f} ms "
+            f"| {median([r.cpu['proxy'] for r in runs[mode]]):.2f} "
+            f"| {median(cpu_per_request(runs[mode])):.0f} µs "
+            f"| {'-' if mixer is None else f'{median(mixer):.2f}'} "
+            f"| {median([r.machine for r in runs[mode]]):.2f} |"
+        )
+    errors = "; ".join(r.errors for rs in runs.values() for r in rs if r.errors) or "none"
+    lines += ["", "| ratio | measured | target |", "|---|---|---|"]
+    for mode in ("on", "stub"):
+        ratio = median(ratios[mode])
+        # What the proxy would keep were it CPU-bound on a core of its own: the inverse
+        # ratio of its CPU time per request, per round.
+        alone = [
+            o / n
+            for o, n in zip(cpu_per_request(runs["off"]), cpu_per_request(runs[mode]), strict=True)
+        ]
+        verdict = "met" if ratio >= PROXY_TARGET else "**missed**"
+        lines += [
+            f"| {names[mode]} / off req/s | **{ratio:.2f}x** (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in ratios[mode])}) | >= {PROXY_TARGET}x, {verdict} |",
+            f"| proxy CPU per request, off / {names[mode]} | {median(alone):.2f}x (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in alone)}) | |",
+        ]
+    off, stub = results["side_by_side"]["off"], results["side_by_side"]["stub"]
+    lines += [
+        "",
+        f"Side by side (wrk to `off` and to the stub-Mixer sidecar at once, "
+        f"{options.connections // 2} connections each, {options.duration:g} s): off "
+        f"{off.rps:,.0f} req/s at {off.cpu['proxy']:.2f} cores "
+        f"({cpu_per_request([off])[0]:.0f} µs/request), stub Mixer {stub.rps:,.0f} req/s at "
+        f"{stub.cpu['proxy']:.2f} cores ({cpu_per_request([stub])[0]:.0f} µs/request): "
+        f"**{stub.rps / off.rps:.2f}x** the requests, "
+        f"{cpu_per_request([off])[0] / cpu_per_request([stub])[0]:.2f}x per CPU second.",
+        "",
+        f"`mixs` received: {results['checks']:,.0f} Checks, {results['reports']:,.0f} Reports "
+        f"carrying {results['report_records']:,.0f} records; its request_count (42422) "
+        f"{results['request_count']:,.0f}, for {results['requests_sent']:,} requests wrk "
+        f"counted through the Mixer-on sidecar (probe, warm-ups and runs). Errors: {errors}.",
+    ]
+    return "\n".join(lines)
+
+
 def bench(options: argparse.Namespace) -> dict[str, Any]:
     load_arguments = [
         *("--duration", str(options.duration)),
@@ -445,6 +820,22 @@ def main() -> int:
     parser.add_argument("--report-batches", type=int, default=20)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument(
+        "--sections",
+        default="server,proxy",
+        help="comma-separated: server (echo, check, report, cached), proxy (wrk through a "
+        "sidecar with Mixer off and on; needs wrk and haproxy)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="proxy: interleaved rounds")
+    parser.add_argument("--connections", type=int, default=50, help="proxy: wrk connections")
+    parser.add_argument(
+        "--profile-proxy",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="proxy: run the Mixer-on sidecar under cProfile, its stats to FILE (slows that "
+        "sidecar: its req/s and the ratio are then not the proxy's)",
+    )
+    parser.add_argument(
         "--python-load",
         action="store_true",
         help="load Checks from a grpc.aio client process instead of h2load",
@@ -463,10 +854,20 @@ def main() -> int:
             result = asyncio.run(load_reports(address, options.report_batches))
         print(json.dumps(result))
         return 0
-    results = bench(options)
-    text = markdown(results, options)
+    sections = set(options.sections.split(","))
+    unknown = sections - {"server", "proxy"}
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))} (server, proxy)")
+    texts = []
+    if "server" in sections:
+        results = bench(options)
+        print(json.dumps(results, indent=2), file=sys.stderr)
+        texts.append(markdown(results, options))
+    if "proxy" in sections:
+        proxy = proxy_section(options)
+        texts.append(proxy_markdown(proxy, options))
+    text = "\n\n".join(texts)
     print(text)
-    print(json.dumps(results, indent=2), file=sys.stderr)
     if options.markdown:
         options.markdown.parent.mkdir(parents=True, exist_ok=True)
         options.markdown.write_text(text + "\n")

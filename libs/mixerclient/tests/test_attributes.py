@@ -4,6 +4,7 @@ they can, Report deltas, and malformed messages are refused."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 
 import pytest
 from hypothesis import given, settings
@@ -83,6 +84,16 @@ def test_report_deltas() -> None:
     assert [len(r.strings) + len(r.int64s) for r in request.attributes] == [3, 1, 1]
     assert decode_report(request) == bags
     assert changed({"a": 1, "b": 2}, {"a": 1}) is None
+
+
+def test_any_mapping_is_a_string_map_and_other_types_are_refused_by_name() -> None:
+    labels = MappingProxyType({"app": "ratings"})
+    assert decode(encode({"destination.labels": labels})) == {
+        "destination.labels": {"app": "ratings"}
+    }
+    message = attributes_pb2.CompressedAttributes()
+    with pytest.raises(TypeError, match=r"attribute request\.size: cannot send a list"):
+        encode_into({"request.size": [1]}, message, WordTable())  # type: ignore[dict-item]
 
 
 def test_malformed_messages_are_refused() -> None:

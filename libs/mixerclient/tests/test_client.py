@@ -3,9 +3,13 @@ splitting, and Check through an in-memory transport."""
 
 from __future__ import annotations
 
-from istio.api.mixer.v1 import check_pb2
+from types import MappingProxyType
+
+from istio.api.mixer.v1 import check_pb2, report_pb2
+from istio.expr import Value
 from istio.mixerclient.attributes import GLOBAL_INDEX, decode_report
 from istio.mixerclient.client import (
+    ClientOptions,
     MixerClient,
     ReferencedCache,
     encode_report,
@@ -20,6 +24,13 @@ def test_signature_follows_presence_conditions() -> None:
     assert signature(PATTERN, {"request.path": "/a"}) == ("/a",)
     assert signature(PATTERN, {"request.headers": {"x-user": "j"}, "request.path": "/a"}) is None
     assert signature(PATTERN, {"request.headers": {}}) is None
+
+
+def test_signature_reads_any_mapping() -> None:
+    headers = MappingProxyType({"x-user": "j"})
+    assert signature((("request.headers", "x-user", True),), {"request.headers": headers}) == ("j",)
+    whole = signature((("request.headers", None, True),), {"request.headers": headers})
+    assert whole == (frozenset({("x-user", "j")}),)
 
 
 def test_cache_bounds() -> None:
@@ -74,5 +85,40 @@ async def test_answers_are_reused_for_the_same_referenced_values() -> None:
         (7, False),
     ]
     assert transport.calls == 2
+    again = await client.check({"request.path": "/x", "request.id": "3"})
+    assert (again.status_code, again.cached, transport.calls) == (7, True, 2)
+    assert client.stats.check_cache_hits == 2
     client.clear_cache()
     assert (await client.check({"request.path": "/x"})).cached is False
+
+
+class Recording:
+    """Keeps every Report's records; Check is not expected."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Value]] = []
+
+    async def check(self, request: bytes) -> bytes:
+        raise AssertionError("no Check expected")
+
+    async def report(self, request: bytes) -> bytes:
+        self.records += decode_report(report_pb2.ReportRequest.FromString(request))
+        return b""
+
+
+async def test_reports_carry_every_record_and_drop_only_one_the_wire_cannot_carry() -> None:
+    transport = Recording()
+    client = MixerClient(transport, ClientOptions(report_batch_entries=3))
+    client.report({"request.path": "/a", "response.code": 200})
+    bad = {"request.path": "/b", "response.code": 200, "request.size": [1]}
+    client.report(bad)  # type: ignore[arg-type]
+    client.report({"request.path": "/c", "response.code": 200})
+    client.report({"request.path": "/d"})  # drops response.code: a new Report in the batch
+    assert transport.records == []  # batched: 3 records not reached, the interval not passed
+    await client.flush()
+    assert transport.records == [
+        {"request.path": "/a", "response.code": 200},
+        {"request.path": "/c", "response.code": 200},
+        {"request.path": "/d"},
+    ]
+    assert (client.stats.reports_sent, client.stats.report_records) == (2, 3)

@@ -81,6 +81,32 @@ def test_a_header_that_does_not_decode_says_nothing(value: str) -> None:
     assert mixer.forwarded_attributes(value) == {}
 
 
+@pytest.mark.parametrize(
+    ("peer", "source_ip"),
+    [
+        ("10.0.0.7", bytes([10, 0, 0, 7])),
+        ("::1", ipaddress.ip_address("::1").packed),
+        ("", None),  # a Unix socket
+        ("not-an-address", None),
+    ],
+)
+def test_a_requests_source_ip_is_its_peers(peer: str, source_ip: bytes | None) -> None:
+    filter_ = MixerFilter("mixer:9091", True, {"destination.service": "ratings"})
+    for _ in range(2):  # the second from packed_ip's memory: the same answer
+        bag = mixer.request_attributes(
+            filter_,
+            method="GET",
+            path="/",
+            authority="ratings:9080",
+            headers=[(b"host", b"ratings:9080")],
+            request_id="1",
+            peer=peer,
+            source_user="",
+            mtls=False,
+        )
+        assert bag.get("source.ip") == source_ip
+
+
 def test_a_tcp_connections_bag() -> None:
     filter_ = MixerFilter(
         "mixer:9091", True, {"destination.service": "mongo", "destination.port": 27017}

@@ -15,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.internal.containers import MessageMap, ScalarMap
 from google.protobuf.message import DecodeError as _ProtobufDecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from istio.api.mixer.v1 import attributes_pb2, check_pb2, report_pb2
 from istio.expr import Value
@@ -400,25 +403,39 @@ def encode_into(
 ) -> None:
     """Add `bag`'s attributes to `message`, strings indexed through `word` (whose `words` the
     caller puts in the message or the Report's default_words)."""
+    # Each of the message's maps is fetched once, when first needed: fetching one from the
+    # protobuf runtime costs more than setting an entry (this runs for every Report record).
+    strings: ScalarMap[int, int] | None = None
+    int64s: ScalarMap[int, int] | None = None
+    timestamps: MessageMap[int, Timestamp] | None = None
+    durations: MessageMap[int, Duration] | None = None
     for name, value in bag.items():
         index = word(name)
         if isinstance(value, str):
-            message.strings[index] = word(value)
+            if strings is None:
+                strings = message.strings
+            strings[index] = word(value)
         elif isinstance(value, bool):
             message.bools[index] = value
         elif isinstance(value, int):
-            message.int64s[index] = value
+            if int64s is None:
+                int64s = message.int64s
+            int64s[index] = value
         elif isinstance(value, float):
             message.doubles[index] = value
         elif isinstance(value, bytes):
             message.bytes[index] = value
         elif isinstance(value, datetime):
+            if timestamps is None:
+                timestamps = message.timestamps
             delta = value - _EPOCH
-            stamp = message.timestamps[index]
+            stamp = timestamps[index]
             stamp.seconds = delta.days * 86400 + delta.seconds
             stamp.nanos = delta.microseconds * 1000
         elif isinstance(value, timedelta):
-            duration = message.durations[index]
+            if durations is None:
+                durations = message.durations
+            duration = durations[index]
             micros = (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
             duration.seconds, rest = divmod(micros, 1_000_000)
             if duration.seconds < 0 and rest:
@@ -445,13 +462,19 @@ def encode(bag: Mapping[str, Value]) -> attributes_pb2.CompressedAttributes:
 def changed(previous: Mapping[str, Value], current: Mapping[str, Value]) -> dict[str, Value] | None:
     """The delta from `previous` to `current` (attributes new or changed), or None when
     `current` lacks some attribute `previous` had (a delta cannot remove one)."""
-    if any(name not in current for name in previous):
+    if not previous.keys() <= current.keys():
         return None
+    before = previous.get
+    # Most values of consecutive records are the very same objects (a listener's destination
+    # attributes): `is` settles those without comparing maps or timestamps.
     return {
         name: value
         for name, value in current.items()
-        if name not in previous or previous[name] != value
+        if (old := before(name, _ABSENT)) is not value and old != value
     }
+
+
+_ABSENT = object()
 
 
 def referenced_words(
