@@ -27,7 +27,15 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-from istio.expr import Bag, Expression, ExpressionError, Manifest, Value, ValueType
+from istio.expr import (
+    Bag,
+    EvaluationError,
+    Expression,
+    ExpressionError,
+    Manifest,
+    Value,
+    ValueType,
+)
 from istio.expr import compile_expression as _compile
 
 
@@ -186,6 +194,15 @@ class FieldProblem:
 _FieldBuilder = Callable[[Bag], Any]
 
 
+class _Failed:
+    """A memo entry: the field could not be evaluated for this bag."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: EvaluationError) -> None:
+        self.error = error
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceBuilder:
     """Builds one instance config's instance per request. `name` is the instance's full name
@@ -195,10 +212,35 @@ class InstanceBuilder:
     template: Template
     attributes: frozenset[str]
     _fields: tuple[_FieldBuilder, ...] = field(repr=False)  # in the instance type's order
+    # Per field, what it evaluates (its expression text and type, or a map's), as a memo key;
+    # None for a constant.
+    _keys: tuple[str | None, ...] = field(default=(), repr=False)
 
-    def build(self, bag: Bag) -> Any:
-        """The instance for `bag`; EvaluationError when an expression cannot be evaluated."""
-        return self.template.instance_type(self.name, *[build(bag) for build in self._fields])
+    def build(self, bag: Bag, memo: dict[str, Any] | None = None) -> Any:
+        """The instance for `bag`; EvaluationError when an expression cannot be evaluated.
+
+        Builders of one config that share `memo` (a new dict per bag) evaluate a field they
+        have in common once: Istio's metric instances repeat the same dimensions, so a
+        request's four metrics cost one evaluation of them. Instances built so may then share
+        their maps (which handlers only read)."""
+        if memo is None or not self._keys:
+            return self.template.instance_type(self.name, *[build(bag) for build in self._fields])
+        values = []
+        for key, build in zip(self._keys, self._fields, strict=True):
+            if key is None:
+                values.append(build(bag))
+                continue
+            value = memo.get(key, memo)
+            if value is memo:
+                try:
+                    value = memo[key] = build(bag)
+                except EvaluationError as error:
+                    memo[key] = _Failed(error)
+                    raise
+            elif type(value) is _Failed:
+                raise value.error
+            values.append(value)
+        return self.template.instance_type(self.name, *values)
 
 
 def _map_builder(expressions: tuple[tuple[str, Expression], ...]) -> _FieldBuilder:
@@ -225,6 +267,7 @@ def compile_instance(
         else:
             given[spec.name] = value
     builders: list[tuple[str, _FieldBuilder]] = []
+    keys: dict[str, str] = {}
     attributes: set[str] = set()
     for spec in template.fields:
         value = given.get(spec.name)
@@ -240,6 +283,7 @@ def compile_instance(
                     compiled.append((str(key), expression))
                     attributes |= expression.attributes
             builders.append((spec.name, _map_builder(tuple(compiled))))
+            keys[spec.name] = repr(("map", spec.expected, [(k, e.text) for k, e in compiled]))
             continue
         if value in (None, ""):
             if spec.required:
@@ -248,13 +292,16 @@ def compile_instance(
         expression = _field_expression(value, spec, manifest, path, problems)
         if expression is not None:
             builders.append((spec.name, expression.evaluate))
+            keys[spec.name] = repr(("value", spec.expected, expression.text))
             attributes |= expression.attributes
     if problems:
         return None, problems
     # Every field of the instance type, positionally: a field left out gets its default.
     given_builders = dict(builders)
     ordered: list[_FieldBuilder] = []
+    ordered_keys: list[str | None] = []
     for slot in dataclasses.fields(template.instance_type)[1:]:  # [0] is the name
+        ordered_keys.append(keys.get(slot.name))
         build = given_builders.get(slot.name)
         if build is None:
             build = _constant(
@@ -263,7 +310,10 @@ def compile_instance(
                 else slot.default
             )
         ordered.append(build)
-    return InstanceBuilder(name, template, frozenset(attributes), tuple(ordered)), []
+    return (
+        InstanceBuilder(name, template, frozenset(attributes), tuple(ordered), tuple(ordered_keys)),
+        [],
+    )
 
 
 def _constant(value: Any) -> _FieldBuilder:
