@@ -19,6 +19,7 @@ the template's instance dataclass, which is what a handler receives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ from istio.expr import (
     Expression,
     ExpressionError,
     Manifest,
+    MapBag,
     Value,
     ValueType,
 )
@@ -211,10 +213,12 @@ class InstanceBuilder:
     name: str
     template: Template
     attributes: frozenset[str]
-    _fields: tuple[_FieldBuilder, ...] = field(repr=False)  # in the instance type's order
-    # Per field, what it evaluates (its expression text and type, or a map's), as a memo key;
-    # None for a constant.
-    _keys: tuple[str | None, ...] = field(default=(), repr=False)
+    # The instance type's arguments, positionally: the name, then each field's value when it
+    # is the same for every request (a default, a constant expression), else None.
+    _arguments: tuple[Any, ...] = field(repr=False)
+    # The other fields, in order: (their place in `_arguments`, what they evaluate as a memo
+    # key (the expression's text and type, or a map's), the builder).
+    _variable: tuple[tuple[int, str, _FieldBuilder], ...] = field(repr=False)
 
     def build(self, bag: Bag, memo: dict[str, Any] | None = None) -> Any:
         """The instance for `bag`; EvaluationError when an expression cannot be evaluated.
@@ -223,13 +227,12 @@ class InstanceBuilder:
         have in common once: Istio's metric instances repeat the same dimensions, so a
         request's four metrics cost one evaluation of them. Instances built so may then share
         their maps (which handlers only read)."""
-        if memo is None or not self._keys:
-            return self.template.instance_type(self.name, *[build(bag) for build in self._fields])
-        values = []
-        for key, build in zip(self._keys, self._fields, strict=True):
-            if key is None:
-                values.append(build(bag))
-                continue
+        arguments = list(self._arguments)
+        if memo is None:
+            for place, _, build in self._variable:
+                arguments[place] = build(bag)
+            return self.template.instance_type(*arguments)
+        for place, key, build in self._variable:
             value = memo.get(key, memo)
             if value is memo:
                 try:
@@ -239,8 +242,8 @@ class InstanceBuilder:
                     raise
             elif type(value) is _Failed:
                 raise value.error
-            values.append(value)
-        return self.template.instance_type(self.name, *values)
+            arguments[place] = value
+        return self.template.instance_type(*arguments)
 
 
 def _map_builder(expressions: tuple[tuple[str, Expression], ...]) -> _FieldBuilder:
@@ -268,6 +271,7 @@ def compile_instance(
             given[spec.name] = value
     builders: list[tuple[str, _FieldBuilder]] = []
     keys: dict[str, str] = {}
+    constants: dict[str, Any] = {}  # field -> its value, when no request can change it
     attributes: set[str] = set()
     for spec in template.fields:
         value = given.get(spec.name)
@@ -284,6 +288,8 @@ def compile_instance(
                     attributes |= expression.attributes
             builders.append((spec.name, _map_builder(tuple(compiled))))
             keys[spec.name] = repr(("map", spec.expected, [(k, e.text) for k, e in compiled]))
+            if not compiled:
+                constants[spec.name] = {}
             continue
         if value in (None, ""):
             if spec.required:
@@ -294,30 +300,37 @@ def compile_instance(
             builders.append((spec.name, expression.evaluate))
             keys[spec.name] = repr(("value", spec.expected, expression.text))
             attributes |= expression.attributes
+            if expression.is_constant:
+                # One that fails fails for every request: left to fail (and be counted) per
+                # request.
+                with contextlib.suppress(EvaluationError):
+                    constants[spec.name] = expression.evaluate(_NO_ATTRIBUTES)
     if problems:
         return None, problems
-    # Every field of the instance type, positionally: a field left out gets its default.
+    # Every field of the instance type, positionally: a field left out gets its default, and
+    # one whose value cannot change (a constant expression, an empty map) is made once here.
     given_builders = dict(builders)
-    ordered: list[_FieldBuilder] = []
-    ordered_keys: list[str | None] = []
+    arguments: list[Any] = [name]
+    variable: list[tuple[int, str, _FieldBuilder]] = []
     for slot in dataclasses.fields(template.instance_type)[1:]:  # [0] is the name
-        ordered_keys.append(keys.get(slot.name))
         build = given_builders.get(slot.name)
         if build is None:
-            build = _constant(
+            arguments.append(
                 slot.default_factory()  # type: ignore[operator]
                 if slot.default is dataclasses.MISSING
                 else slot.default
             )
-        ordered.append(build)
-    return (
-        InstanceBuilder(name, template, frozenset(attributes), tuple(ordered), tuple(ordered_keys)),
-        [],
-    )
+        elif slot.name in constants:
+            arguments.append(constants[slot.name])
+        else:
+            variable.append((len(arguments), keys[slot.name], build))
+            arguments.append(None)
+    return InstanceBuilder(
+        name, template, frozenset(attributes), tuple(arguments), tuple(variable)
+    ), []
 
 
-def _constant(value: Any) -> _FieldBuilder:
-    return lambda bag: value
+_NO_ATTRIBUTES = MapBag()
 
 
 def _field_expression(

@@ -376,7 +376,6 @@ class Runtime:
     ) -> CheckOutcome:
         tracking = TrackingBag(attributes if isinstance(attributes, MapBag) else MapBag(attributes))
         bag: Bag = ProducedBag(tracking, active.producers) if active.producers else tracking
-        memo: dict[str, Any] = {}
         rules = self._matching(active.select(bag), bag)
         results: list[tuple[str, Any]] = []
         pending: dict[asyncio.Future[Any], int] = {}
@@ -384,7 +383,7 @@ class Runtime:
         for rule in rules:
             for handler_key, method, builders in rule.check:
                 for builder in builders:
-                    instance = self._instance(builder, bag, memo)
+                    instance = self._instance(builder, bag)
                     if instance is None:
                         failures.append(
                             CheckResult(
@@ -416,7 +415,7 @@ class Runtime:
         quota_results: dict[str, QuotaResult] = {}
         if quotas:
             quota_results = await self._quotas(
-                active, rules, bag, memo, quotas, deduplication_id, status == OK
+                active, rules, bag, quotas, deduplication_id, status == OK
             )
         return CheckOutcome(
             status,
@@ -442,7 +441,12 @@ class Runtime:
             matched.append(rule)
         return matched
 
-    def _instance(self, builder: InstanceBuilder, bag: Bag, memo: dict[str, Any]) -> Any:
+    def _instance(
+        self, builder: InstanceBuilder, bag: Bag, memo: dict[str, Any] | None = None
+    ) -> Any:
+        """The instance, or None (counted) when the bag does not allow one. A Report shares
+        `memo` among a bag's instances (see InstanceBuilder.build); a Check's few instances
+        seldom share a field, and build without."""
         try:
             return builder.build(bag, memo)
         except EvaluationError as error:
@@ -455,7 +459,6 @@ class Runtime:
         active: Active,
         rules: Sequence[_Rule],
         bag: Bag,
-        memo: dict[str, Any],
         quotas: Mapping[str, QuotaRequest],
         deduplication_id: str,
         allowed: bool,
@@ -472,7 +475,7 @@ class Runtime:
             for rule, handler_key, charge, builder in active.quota_index.get(name.lower(), ()):
                 if rule not in rules:
                     continue
-                instance = self._instance(builder, bag, memo)
+                instance = self._instance(builder, bag)
                 if instance is None:
                     continue
                 args = QuotaArgs(name, asked.amount, asked.best_effort, deduplication_id)
