@@ -227,9 +227,12 @@ class PrometheusHandler:
         # its labels are made once per metric's label names. Keyed by id(); the instances
         # keep the maps alive for this call.
         labels_of: dict[tuple[int, tuple[str, ...]], tuple[str, ...]] = {}
+        resolved = self._resolved
         try:
             for instance in instances:
-                targets = self._targets(instance.name)
+                targets = resolved.get(instance.name)
+                if targets is None:
+                    targets = self._targets(instance.name)
                 if not targets:
                     continue
                 value = number(instance.value)
