@@ -363,68 +363,70 @@ class Runtime:
         active = self.active
         active.enter()
         try:
-            return await self._check(active, attributes, quotas or {}, deduplication_id)
+            tracking = TrackingBag(
+                attributes if isinstance(attributes, MapBag) else MapBag(attributes)
+            )
+            bag: Bag = ProducedBag(tracking, active.producers) if active.producers else tracking
+            rules = self._matching(active.select(bag), bag)
+            results: list[tuple[str, Any]] = []
+            pending: dict[asyncio.Future[Any], int] = {}
+            failures: list[CheckResult] = []
+            for rule in rules:
+                for handler_key, method, builders in rule.check:
+                    for builder in builders:
+                        instance = self._instance(builder, bag)
+                        if instance is None:
+                            failures.append(
+                                CheckResult(
+                                    INTERNAL,
+                                    f"{builder.name}: cannot be built from the request's "
+                                    "attributes",
+                                    timedelta(0),
+                                    1,
+                                )
+                            )
+                            continue
+                        self._start(results, pending, handler_key, method, instance)
+            if pending:
+                await self._settle(results, pending)
+            status, message = OK, ""
+            valid_duration, use_count = self.default_valid_duration, DEFAULT_VALID_USE_COUNT
+            for handler_key, result in results:
+                if not isinstance(result, CheckResult):
+                    result = CheckResult(UNAVAILABLE, str(result), timedelta(0), 1)
+                if status == OK and result.status_code != OK:
+                    status, message = result.status_code, f"{handler_key}:{result.message}"
+                if result.valid_duration < valid_duration:
+                    valid_duration = result.valid_duration
+                if result.valid_use_count < use_count:
+                    use_count = result.valid_use_count
+            for failure in failures:
+                if status == OK:
+                    status, message = failure.status_code, failure.message
+                valid_duration, use_count = timedelta(0), 1
+            granted: dict[str, QuotaResult] = {}
+            if quotas:
+                charged, names, pending = self._charge(
+                    active, rules, bag, quotas, deduplication_id, status == OK, granted
+                )
+                if pending:
+                    await self._settle(charged, pending)
+                for name, (_, outcome) in zip(names, charged, strict=True):
+                    if not isinstance(outcome, QuotaResult):
+                        outcome = QuotaResult(0, timedelta(0), UNAVAILABLE, str(outcome))
+                    previous = granted.get(name)
+                    if previous is None or outcome.granted < previous.granted:
+                        granted[name] = outcome
+            return CheckOutcome(
+                status,
+                message,
+                min(valid_duration, self.max_valid_duration),
+                use_count,
+                tracking.asked(),
+                granted,
+            )
         finally:
             active.leave()
-
-    async def _check(
-        self,
-        active: Active,
-        attributes: dict[str, Value],
-        quotas: Mapping[str, QuotaRequest],
-        deduplication_id: str,
-    ) -> CheckOutcome:
-        tracking = TrackingBag(attributes if isinstance(attributes, MapBag) else MapBag(attributes))
-        bag: Bag = ProducedBag(tracking, active.producers) if active.producers else tracking
-        rules = self._matching(active.select(bag), bag)
-        results: list[tuple[str, Any]] = []
-        pending: dict[asyncio.Future[Any], int] = {}
-        failures: list[CheckResult] = []
-        for rule in rules:
-            for handler_key, method, builders in rule.check:
-                for builder in builders:
-                    instance = self._instance(builder, bag)
-                    if instance is None:
-                        failures.append(
-                            CheckResult(
-                                INTERNAL,
-                                f"{builder.name}: cannot be built from the request's attributes",
-                                timedelta(0),
-                                1,
-                            )
-                        )
-                        continue
-                    self._start(results, pending, handler_key, method, instance)
-        if pending:
-            await self._settle(results, pending)
-        status, message = OK, ""
-        valid_duration, use_count = self.default_valid_duration, DEFAULT_VALID_USE_COUNT
-        for handler_key, result in results:
-            if not isinstance(result, CheckResult):
-                result = CheckResult(UNAVAILABLE, str(result), timedelta(0), 1)
-            if status == OK and result.status_code != OK:
-                status, message = result.status_code, f"{handler_key}:{result.message}"
-            if result.valid_duration < valid_duration:
-                valid_duration = result.valid_duration
-            if result.valid_use_count < use_count:
-                use_count = result.valid_use_count
-        for failure in failures:
-            if status == OK:
-                status, message = failure.status_code, failure.message
-            valid_duration, use_count = timedelta(0), 1
-        quota_results: dict[str, QuotaResult] = {}
-        if quotas:
-            quota_results = await self._quotas(
-                active, rules, bag, quotas, deduplication_id, status == OK
-            )
-        return CheckOutcome(
-            status,
-            message,
-            min(valid_duration, self.max_valid_duration),
-            use_count,
-            tracking.asked(),
-            quota_results,
-        )
 
     def _matching(self, rules: Sequence[_Rule], bag: Bag) -> list[_Rule]:
         matched = []
@@ -454,7 +456,7 @@ class Runtime:
             self.metrics.instance_errors.labels(builder.name).inc()
             return None
 
-    async def _quotas(
+    def _charge(
         self,
         active: Active,
         rules: Sequence[_Rule],
@@ -462,14 +464,18 @@ class Runtime:
         quotas: Mapping[str, QuotaRequest],
         deduplication_id: str,
         allowed: bool,
-    ) -> dict[str, QuotaResult]:
-        results: dict[str, QuotaResult] = {}
-        charged: list[tuple[str, Any]] = []  # (handler key, result), in call order
-        names: list[str] = []  # the quota each of `charged` is for
+        granted: dict[str, QuotaResult],
+    ) -> tuple[list[tuple[str, Any]], list[str], dict[asyncio.Future[Any], int]]:
+        """Ask the quota handlers of the matching rules for each quota asked: their answers
+        as `_start` gives them, and the quota each is for. What needs no handler goes in
+        `granted` (everything is refused when a check failed; a quota nothing limits is
+        granted in full)."""
+        charged: list[tuple[str, Any]] = []  # (handler key, answer), in call order
+        names: list[str] = []
         pending: dict[asyncio.Future[Any], int] = {}
         for name, asked in quotas.items():
             if not allowed:
-                results[name] = QuotaResult(0, timedelta(0))
+                granted[name] = QuotaResult(0, timedelta(0))
                 continue
             calls = len(charged)
             for rule, handler_key, charge, builder in active.quota_index.get(name.lower(), ()):
@@ -482,17 +488,8 @@ class Runtime:
                 self._start(charged, pending, handler_key, charge, instance, args)
                 names.append(name)
             if len(charged) == calls:
-                # No quota is configured for it: nothing limits it.
-                results[name] = QuotaResult(asked.amount, self.default_valid_duration)
-        if pending:
-            await self._settle(charged, pending)
-        for name, (_, outcome) in zip(names, charged, strict=True):
-            if not isinstance(outcome, QuotaResult):
-                outcome = QuotaResult(0, timedelta(0), UNAVAILABLE, str(outcome))
-            previous = results.get(name)
-            if previous is None or outcome.granted < previous.granted:
-                results[name] = outcome
-        return results
+                granted[name] = QuotaResult(asked.amount, self.default_valid_duration)
+        return charged, names, pending
 
     # Report.
 
