@@ -452,9 +452,12 @@ class Runtime:
         try:
             return builder.build(bag, memo)
         except EvaluationError as error:
-            log.debug("instance %s: %s", builder.name, error)
-            self.metrics.instance_errors.labels(builder.name).inc()
+            self._instance_failed(builder, error)
             return None
+
+    def _instance_failed(self, builder: InstanceBuilder, error: EvaluationError) -> None:
+        log.debug("instance %s: %s", builder.name, error)
+        self.metrics.instance_errors.labels(builder.name).inc()
 
     def _charge(
         self,
@@ -512,9 +515,10 @@ class Runtime:
                             batch = batches[batch_key] = (handler_key, method, [])
                         instances = batch[2]
                         for builder in builders:
-                            instance = self._instance(builder, bag, memo)
-                            if instance is not None:
-                                instances.append(instance)
+                            try:  # as _instance does, inline: four times per record here
+                                instances.append(builder.build(bag, memo))
+                            except EvaluationError as error:
+                                self._instance_failed(builder, error)
             results: list[tuple[str, Any]] = []
             pending: dict[asyncio.Future[Any], int] = {}
             for handler_key, method, instances in batches.values():
