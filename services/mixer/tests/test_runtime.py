@@ -531,3 +531,42 @@ async def test_quota_handlers_that_answer_later_or_never(harness: Any) -> None:
     assert 'mixer_dispatch_errors_total{handler="h.never.istio-system",reason="timeout"} 1.0' in (
         errors
     )
+
+
+async def test_report_instances_that_cannot_be_built_are_counted(harness: Any) -> None:
+    handlers: dict[str, Recorder] = {}
+    harness.adapters["ok"] = recorder_adapter("ok", handlers)
+    config = """
+apiVersion: config.istio.io/v1alpha2
+kind: ok
+metadata: {name: h, namespace: istio-system}
+spec: {}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: metric
+metadata: {name: size, namespace: istio-system}
+spec: {value: request.size, dimensions: {source: source.service | "unknown"}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: metric
+metadata: {name: count, namespace: istio-system}
+spec: {value: "1", dimensions: {source: source.service | "unknown"}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: metrics, namespace: istio-system}
+spec: {actions: [{handler: h.ok, instances: [size.metric, count.metric]}]}
+"""
+    assert await harness.load(config) == []
+    await harness.runtime.report([{"source.service": "a"}, {"request.size": 5}])
+    built = [
+        (i.name.split(".")[0], i.value, dict(i.dimensions))
+        for i in handlers["h.ok.istio-system"].metrics
+    ]
+    assert built == [
+        ("count", 1, {"source": "a"}),
+        ("size", 5, {"source": "unknown"}),
+        ("count", 1, {"source": "unknown"}),
+    ]
+    errors = generate_latest(harness.runtime.metrics.registry).decode()
+    assert 'mixer_instance_errors_total{instance="size.metric.istio-system"} 1.0' in errors
