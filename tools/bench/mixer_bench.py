@@ -26,7 +26,9 @@ from another process (this file with --load), so that server and client do not s
             (after one call to a canned transport), timed over 200,000 calls.
 
 Ratios are what matter (check/echo); absolute figures move with whatever else runs here. The
-CPU load seen from other processes during the run is reported beside them.
+machine's load average before and after is reported beside them, and the check/echo ratio
+also per second of server CPU (user+system time from /proc), which holds steadier when a
+server gets less than its share of the cores.
 """
 
 from __future__ import annotations
