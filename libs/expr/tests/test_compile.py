@@ -142,3 +142,51 @@ def test_tracking_bag_records_references_for_the_check_cache() -> None:
         Reference("request.path", None, True),
         Reference("source.service", None, False),
     ]
+
+
+class FailingBag:
+    """A bag whose every read fails (as an attribute producer may)."""
+
+    def get(self, name: str, /) -> object:
+        raise EvaluationError(f"cannot produce {name}")
+
+    def get_key(self, name: str, key: str, /) -> str | None:
+        raise EvaluationError(f"cannot produce {name}")
+
+
+@pytest.mark.parametrize(
+    ("text", "attributes", "expected", "references"),
+    [
+        ('source.service | "x"', {}, "x", [("source.service", None, False)]),
+        ('source.service | "x"', {"source.service": ""}, "x", [("source.service", None, True)]),
+        ('source.service | "x"', {"source.service": "s"}, "s", [("source.service", None, True)]),
+        ("response.code | 200", {"response.code": 0}, 0, [("response.code", None, True)]),
+        ("response.code | 200", {}, 200, [("response.code", None, False)]),
+        ('response.duration | "0ms"', {}, timedelta(0), [("response.duration", None, False)]),
+        ('source.labels["v"] | "x"', {}, "x", [("source.labels", None, False)]),
+        ('source.labels["v"] | "x"', {"source.labels": {}}, "x", [("source.labels", "v", False)]),
+        (
+            'source.labels["v"] | "x"',
+            {"source.labels": {"v": ""}},
+            "x",
+            [("source.labels", "v", True)],
+        ),
+        (
+            'source.labels["v"] | "x"',
+            {"source.labels": {"v": "1"}},
+            "1",
+            [("source.labels", "v", True)],
+        ),
+    ],
+)
+def test_attribute_or_constant(
+    text: str, attributes: dict[str, object], expected: object, references: list[tuple[object]]
+) -> None:
+    bag = TrackingBag(MapBag(attributes))  # type: ignore[arg-type]
+    assert compile_expression(text, V)(bag) == expected
+    assert list(bag.references()) == [Reference(*r) for r in references]  # type: ignore[misc]
+
+
+def test_attribute_or_constant_falls_back_when_the_read_fails() -> None:
+    assert compile_expression('source.service | "x"', V)(FailingBag()) == "x"
+    assert compile_expression('source.labels["v"] | "x"', V)(FailingBag()) == "x"

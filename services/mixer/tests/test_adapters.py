@@ -14,10 +14,18 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from istio.config import parse_documents
 from istio.expr import MapBag
-from istio.mixer.adapters import kubernetesenv, listchecker, memquota, statsd, stdio
+from istio.mixer.adapters import (
+    kubernetesenv,
+    listchecker,
+    memquota,
+    prometheus,
+    statsd,
+    stdio,
+)
 from istio.mixer.adapters.memquota import RollingWindow
 from istio.mixersdk import (
     Env,
@@ -28,7 +36,7 @@ from istio.mixersdk import (
     QuotaInstance,
     parse_params,
 )
-from istio.mixersdk.builtin import LISTCHECKER, MEMQUOTA, STATSD, STDIO
+from istio.mixersdk.builtin import LISTCHECKER, MEMQUOTA, PROMETHEUS, STATSD, STDIO
 from istio.testing.server import listen
 
 ENV = Env("h.kind.istio-system", logging.getLogger("test"))
@@ -315,3 +323,61 @@ def test_rolling_window_reference_model() -> None:
     assert window.used(0.99) == 3
     assert window.used(1.0) == 1
     assert window.used(1.5) == 0
+
+
+def _prometheus(registry: CollectorRegistry) -> prometheus.PrometheusHandler:
+    labels = ["source", "code"]
+    metrics = [
+        {"name": "calls", "instanceName": "calls.metric.istio-system", "kind": "COUNTER"},
+        {"name": "inflight", "instanceName": "inflight.metric.istio-system", "kind": "GAUGE"},
+        {
+            "name": "latency",
+            "instanceName": "latency.metric.istio-system",
+            "kind": "DISTRIBUTION",
+            "buckets": {"explicitBuckets": {"bounds": [0.1, 1, 10]}},
+        },
+    ]
+    spec = {"metrics": [{**m, "labelNames": labels} for m in metrics]}
+    env = Env("handler.prometheus.istio-system", logging.getLogger("test"), registry)
+    return prometheus.PrometheusHandler(params(PROMETHEUS, spec), env)
+
+
+def test_prometheus_records_a_batch_as_it_would_one_by_one() -> None:
+    shared = {"source": "a", "code": 200}
+    instances = []
+    for i in range(12):
+        # Requests' instances share one dimensions map; others are equal but distinct maps.
+        dimensions = shared if i % 2 else {"source": "a" if i % 3 else "b", "code": 200}
+        instances += [
+            MetricInstance("calls.metric.istio-system", 1, dimensions),
+            MetricInstance("inflight.metric.istio-system", i, dimensions),
+            MetricInstance("latency.metric.istio-system", timedelta(seconds=i / 4), dimensions),
+            MetricInstance("nothing.metric.istio-system", 1, dimensions),  # no metric: left out
+        ]
+    batched, single = CollectorRegistry(), CollectorRegistry()
+    _prometheus(batched).handle_metric(instances)
+    one_by_one = _prometheus(single)
+    for instance in instances:
+        one_by_one.handle_metric([instance])
+    text = prometheus.text_format(batched).decode()
+    assert text == prometheus.text_format(single).decode()
+    assert 'calls{source="a",code="200"} 10.0' in text
+    assert 'inflight{source="a",code="200"} 11.0' in text  # the last value of the series
+    assert 'inflight{source="b",code="200"} 6.0' in text
+    assert 'latency_bucket{source="a",code="200",le="1.0"} 4.0' in text
+    assert 'latency_count{source="a",code="200"} 10.0' in text
+
+
+def test_prometheus_records_what_came_before_a_bad_instance() -> None:
+    registry = CollectorRegistry()
+    handler = _prometheus(registry)
+    dimensions = {"source": "a", "code": 200}
+    with pytest.raises(ValueError, match="could not convert"):
+        handler.handle_metric(
+            [
+                MetricInstance("calls.metric.istio-system", 1, dimensions),
+                MetricInstance("calls.metric.istio-system", "many", dimensions),
+                MetricInstance("calls.metric.istio-system", 1, dimensions),
+            ]
+        )
+    assert 'calls{source="a",code="200"} 1.0' in prometheus.text_format(registry).decode()

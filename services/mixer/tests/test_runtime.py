@@ -20,6 +20,9 @@ from istio.mixersdk import (
     CheckResult,
     Env,
     MetricInstance,
+    QuotaArgs,
+    QuotaInstance,
+    QuotaResult,
 )
 
 DENY_WITHOUT_USER = """
@@ -462,3 +465,108 @@ async def test_report_to_prometheus(harness: Any) -> None:
     assert await harness.load(TELEMETRY + _namespaced("default", "x", "false")) == []
     text = text_format(harness.runtime.prometheus_registry).decode()
     assert f'request_count{{{service},response_code="200"}} 2.0' in text
+
+
+class LateQuota:
+    """A quota handler that grants what is asked after a loop turn, or (hang) never answers."""
+
+    def __init__(self, hang: bool) -> None:
+        self.hang = hang
+        self.asked: list[QuotaArgs] = []
+
+    def handle_quota(self, instance: QuotaInstance, args: QuotaArgs) -> Any:
+        self.asked.append(args)
+        if self.hang:
+            return asyncio.Event().wait()
+        return self._grant(args)
+
+    async def _grant(self, args: QuotaArgs) -> QuotaResult:
+        await asyncio.sleep(0)
+        return QuotaResult(args.amount, timedelta(seconds=5))
+
+    async def close(self) -> None:
+        return None
+
+
+LATE_QUOTAS = "\n---\n".join(
+    f"""apiVersion: config.istio.io/v1alpha2
+kind: {kind}
+metadata: {{name: h, namespace: istio-system}}
+spec: {{}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: quota
+metadata: {{name: {quota}, namespace: istio-system}}
+spec: {{dimensions: {{source: source.service | "unknown"}}}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {{name: {quota}, namespace: istio-system}}
+spec: {{actions: [{{handler: h.{kind}, instances: [{quota}.quota]}}]}}"""
+    for kind, quota in (("later", "later"), ("never", "never"))
+)
+
+
+async def test_quota_handlers_that_answer_later_or_never(harness: Any) -> None:
+    handlers: dict[str, LateQuota] = {}
+    for kind in ("later", "never"):
+
+        async def build(params: dict[str, Any], env: Env, hang: bool = kind == "never") -> Any:
+            handler = handlers[env.handler] = LateQuota(hang)
+            return handler
+
+        harness.adapters[kind] = AdapterInfo(kind, "test", build, frozenset({"quota"}))
+    assert await harness.load(LATE_QUOTAS) == []
+    ask = {"Later": QuotaRequest(3), "never": QuotaRequest(2), "free": QuotaRequest(1)}
+    outcome = await asyncio.wait_for(harness.runtime.check({}, ask, "call-1"), 5)
+    assert outcome.status_code == 0
+    assert outcome.quotas["Later"] == QuotaResult(3, timedelta(seconds=5))
+    never = outcome.quotas["never"]
+    assert (never.granted, never.status_code) == (0, 14)
+    assert never.message == "handler h.never.istio-system: no answer in 0.5s"
+    assert outcome.quotas["free"].granted == 1
+    asked = handlers["h.later.istio-system"].asked
+    assert asked == [QuotaArgs("Later", 3, False, "call-1")]
+    errors = generate_latest(harness.runtime.metrics.registry).decode()
+    assert 'mixer_dispatch_errors_total{handler="h.never.istio-system",reason="timeout"} 1.0' in (
+        errors
+    )
+
+
+async def test_report_instances_that_cannot_be_built_are_counted(harness: Any) -> None:
+    handlers: dict[str, Recorder] = {}
+    harness.adapters["ok"] = recorder_adapter("ok", handlers)
+    config = """
+apiVersion: config.istio.io/v1alpha2
+kind: ok
+metadata: {name: h, namespace: istio-system}
+spec: {}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: metric
+metadata: {name: size, namespace: istio-system}
+spec: {value: request.size, dimensions: {source: source.service | "unknown"}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: metric
+metadata: {name: count, namespace: istio-system}
+spec: {value: "1", dimensions: {source: source.service | "unknown"}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: metrics, namespace: istio-system}
+spec: {actions: [{handler: h.ok, instances: [size.metric, count.metric]}]}
+"""
+    assert await harness.load(config) == []
+    await harness.runtime.report([{"source.service": "a"}, {"request.size": 5}])
+    built = [
+        (i.name.split(".")[0], i.value, dict(i.dimensions))
+        for i in handlers["h.ok.istio-system"].metrics
+    ]
+    assert built == [
+        ("count", 1, {"source": "a"}),
+        ("size", 5, {"source": "unknown"}),
+        ("count", 1, {"source": "unknown"}),
+    ]
+    errors = generate_latest(harness.runtime.metrics.registry).decode()
+    assert 'mixer_instance_errors_total{instance="size.metric.istio-system"} 1.0' in errors

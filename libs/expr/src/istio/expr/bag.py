@@ -36,7 +36,7 @@ class MapBag(dict[str, Value]):
         value = dict.get(self, name)
         if value is None:
             raise AttributeAbsent(name)
-        assert isinstance(value, Mapping)
+        assert type(value) is dict or isinstance(value, Mapping)  # dict: no ABC check per call
         result = value.get(key)
         return result if isinstance(result, str) or result is None else str(result)
 

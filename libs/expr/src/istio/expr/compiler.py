@@ -382,6 +382,9 @@ class _Compiler:
                 return left
             return right
         first, second = left.evaluate, right.evaluate
+        fused = _attribute_or_constant(node.left, left, right)
+        if fused is not None:
+            return _Typed(left.type, fused, attributes, literal=None)
 
         def first_present(bag: Bag) -> Value:
             try:
@@ -393,6 +396,47 @@ class _Compiler:
             return value
 
         return _Typed(left.type, first_present, attributes, literal=None)
+
+
+def _attribute_or_constant(node: Node, left: _Typed, right: _Typed) -> Evaluator | None:
+    """`attribute | constant` and `attribute["key"] | constant` (most defaults Istio's configs
+    write, evaluated for every request) as one closure instead of three; the same reads of
+    the bag and the same answers as the general form."""
+    if not right.constant or left.constant:
+        return None
+    fallback = right.value
+    if isinstance(node, Attribute):
+        name = node.name
+
+        def attribute_or(bag: Bag) -> Value:
+            try:
+                value = bag.get(name)
+            except EvaluationError:
+                return fallback  # type: ignore[return-value]
+            if value is None or value == "":
+                return fallback  # type: ignore[return-value]
+            return value
+
+        return attribute_or
+    if (
+        isinstance(node, Index)
+        and isinstance(node.target, Attribute)
+        and isinstance(node.key, Literal)
+        and isinstance(node.key.value, str)
+    ):
+        name, key = node.target.name, node.key.value
+
+        def key_or(bag: Bag) -> Value:
+            try:
+                value = bag.get_key(name, key)
+            except EvaluationError:
+                return fallback  # type: ignore[return-value]
+            if value is None or value == "":
+                return fallback  # type: ignore[return-value]
+            return value
+
+        return key_or
+    return None
 
 
 class _NoBag:

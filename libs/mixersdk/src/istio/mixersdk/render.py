@@ -17,6 +17,8 @@ def text(value: Value | None) -> str:
         return ""
     if isinstance(value, str):
         return value
+    if type(value) is int or type(value) is float:  # before the ABC checks below
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, bytes):
@@ -42,6 +44,8 @@ def json_value(value: Value | None) -> Any:
 
 def number(value: Value) -> float:
     """A metric value: numbers as they are, durations in seconds, booleans as 0/1."""
+    if type(value) is int or type(value) is float:
+        return float(value)
     if isinstance(value, bool):
         return 1.0 if value else 0.0
     if isinstance(value, int | float):

@@ -19,6 +19,7 @@ the template's instance dataclass, which is what a handler receives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 from collections.abc import Callable, Mapping
@@ -27,7 +28,16 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-from istio.expr import Bag, Expression, ExpressionError, Manifest, Value, ValueType
+from istio.expr import (
+    Bag,
+    EvaluationError,
+    Expression,
+    ExpressionError,
+    Manifest,
+    MapBag,
+    Value,
+    ValueType,
+)
 from istio.expr import compile_expression as _compile
 
 
@@ -186,6 +196,15 @@ class FieldProblem:
 _FieldBuilder = Callable[[Bag], Any]
 
 
+class _Failed:
+    """A memo entry: the field could not be evaluated for this bag."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: EvaluationError) -> None:
+        self.error = error
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceBuilder:
     """Builds one instance config's instance per request. `name` is the instance's full name
@@ -194,11 +213,37 @@ class InstanceBuilder:
     name: str
     template: Template
     attributes: frozenset[str]
-    _fields: tuple[_FieldBuilder, ...] = field(repr=False)  # in the instance type's order
+    # The instance type's arguments, positionally: the name, then each field's value when it
+    # is the same for every request (a default, a constant expression), else None.
+    _arguments: tuple[Any, ...] = field(repr=False)
+    # The other fields, in order: (their place in `_arguments`, what they evaluate as a memo
+    # key (the expression's text and type, or a map's), the builder).
+    _variable: tuple[tuple[int, str, _FieldBuilder], ...] = field(repr=False)
 
-    def build(self, bag: Bag) -> Any:
-        """The instance for `bag`; EvaluationError when an expression cannot be evaluated."""
-        return self.template.instance_type(self.name, *[build(bag) for build in self._fields])
+    def build(self, bag: Bag, memo: dict[str, Any] | None = None) -> Any:
+        """The instance for `bag`; EvaluationError when an expression cannot be evaluated.
+
+        Builders of one config that share `memo` (a new dict per bag) evaluate a field they
+        have in common once: Istio's metric instances repeat the same dimensions, so a
+        request's four metrics cost one evaluation of them. Instances built so may then share
+        their maps (which handlers only read)."""
+        arguments = list(self._arguments)
+        if memo is None:
+            for place, _, build in self._variable:
+                arguments[place] = build(bag)
+            return self.template.instance_type(*arguments)
+        for place, key, build in self._variable:
+            value = memo.get(key, memo)
+            if value is memo:
+                try:
+                    value = memo[key] = build(bag)
+                except EvaluationError as error:
+                    memo[key] = _Failed(error)
+                    raise
+            elif type(value) is _Failed:
+                raise value.error
+            arguments[place] = value
+        return self.template.instance_type(*arguments)
 
 
 def _map_builder(expressions: tuple[tuple[str, Expression], ...]) -> _FieldBuilder:
@@ -225,6 +270,8 @@ def compile_instance(
         else:
             given[spec.name] = value
     builders: list[tuple[str, _FieldBuilder]] = []
+    keys: dict[str, str] = {}
+    constants: dict[str, Any] = {}  # field -> its value, when no request can change it
     attributes: set[str] = set()
     for spec in template.fields:
         value = given.get(spec.name)
@@ -240,6 +287,9 @@ def compile_instance(
                     compiled.append((str(key), expression))
                     attributes |= expression.attributes
             builders.append((spec.name, _map_builder(tuple(compiled))))
+            keys[spec.name] = repr(("map", spec.expected, [(k, e.text) for k, e in compiled]))
+            if not compiled:
+                constants[spec.name] = {}
             continue
         if value in (None, ""):
             if spec.required:
@@ -248,26 +298,39 @@ def compile_instance(
         expression = _field_expression(value, spec, manifest, path, problems)
         if expression is not None:
             builders.append((spec.name, expression.evaluate))
+            keys[spec.name] = repr(("value", spec.expected, expression.text))
             attributes |= expression.attributes
+            if expression.is_constant:
+                # One that fails fails for every request: left to fail (and be counted) per
+                # request.
+                with contextlib.suppress(EvaluationError):
+                    constants[spec.name] = expression.evaluate(_NO_ATTRIBUTES)
     if problems:
         return None, problems
-    # Every field of the instance type, positionally: a field left out gets its default.
+    # Every field of the instance type, positionally: a field left out gets its default, and
+    # one whose value cannot change (a constant expression, an empty map) is made once here.
     given_builders = dict(builders)
-    ordered: list[_FieldBuilder] = []
+    arguments: list[Any] = [name]
+    variable: list[tuple[int, str, _FieldBuilder]] = []
     for slot in dataclasses.fields(template.instance_type)[1:]:  # [0] is the name
         build = given_builders.get(slot.name)
         if build is None:
-            build = _constant(
+            arguments.append(
                 slot.default_factory()  # type: ignore[operator]
                 if slot.default is dataclasses.MISSING
                 else slot.default
             )
-        ordered.append(build)
-    return InstanceBuilder(name, template, frozenset(attributes), tuple(ordered)), []
+        elif slot.name in constants:
+            arguments.append(constants[slot.name])
+        else:
+            variable.append((len(arguments), keys[slot.name], build))
+            arguments.append(None)
+    return InstanceBuilder(
+        name, template, frozenset(attributes), tuple(arguments), tuple(variable)
+    ), []
 
 
-def _constant(value: Any) -> _FieldBuilder:
-    return lambda bag: value
+_NO_ATTRIBUTES = MapBag()
 
 
 def _field_expression(

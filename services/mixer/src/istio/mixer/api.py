@@ -7,13 +7,13 @@ answered INVALID_ARGUMENT and counted, never raised into grpc's machinery.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
-from istio.api.mixer.v1 import check_pb2, report_pb2, service_pb2_grpc
+from istio.api.mixer.v1 import check_pb2, report_pb2
 from istio.expr import MapBag, Reference
 from istio.mixer.metrics import MixerMetrics
 from istio.mixer.runtime import CheckOutcome, QuotaRequest, Runtime
@@ -83,59 +83,81 @@ def check_response(outcome: CheckOutcome) -> check_pb2.CheckResponse:
     return response
 
 
-class MixerService(service_pb2_grpc.MixerServicer):
+# Serialized CheckResponses by everything they say: a service's requests mostly get the same
+# answer (same references, same grant), so most Checks reuse bytes made once. Bounded: cleared
+# when full.
+_RESPONSES: dict[tuple[Any, ...], bytes] = {}
+_RESPONSES_LIMIT = 4096
+
+
+def check_response_bytes(outcome: CheckOutcome) -> bytes:
+    """check_response(outcome), serialized."""
+    quotas = outcome.quotas
+    key = (
+        outcome.status_code,
+        outcome.message,
+        outcome.valid_duration,
+        outcome.valid_use_count,
+        outcome.asked,
+        tuple((n, r.granted, r.valid_duration) for n, r in quotas.items()) if quotas else (),
+    )
+    found = _RESPONSES.get(key)
+    if found is None:
+        found = check_response(outcome).SerializeToString()
+        if len(_RESPONSES) >= _RESPONSES_LIMIT:
+            _RESPONSES.clear()
+        _RESPONSES[key] = found
+    return found
+
+
+_EMPTY_REPORT_RESPONSE = report_pb2.ReportResponse().SerializeToString()
+
+
+class MixerService:
+    """Check and Report as grpc handlers of raw bytes: requests are parsed here, not by grpc,
+    so bytes that are not a request are answered INVALID_ARGUMENT (and counted) instead of an
+    UNKNOWN error and a logged traceback; responses go out as bytes made here (most Check
+    answers are cached bytes, see check_response_bytes)."""
+
     def __init__(self, runtime: Runtime, metrics: MixerMetrics) -> None:
         self.runtime = runtime
         self.metrics = metrics
         self._check_counters: dict[int, Any] = {}
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        """The service with requests parsed here, not by grpc: bytes that are not a request
-        are answered INVALID_ARGUMENT (and counted) instead of an UNKNOWN error and a logged
-        traceback."""
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    self._raw(check_pb2.CheckRequest, self.Check, "Check"),
-                    response_serializer=check_pb2.CheckResponse.SerializeToString,
-                ),
-                "Report": grpc.unary_unary_rpc_method_handler(
-                    self._raw(report_pb2.ReportRequest, self.Report, "Report"),
-                    response_serializer=report_pb2.ReportResponse.SerializeToString,
-                ),
+                "Check": grpc.unary_unary_rpc_method_handler(self.check),
+                "Report": grpc.unary_unary_rpc_method_handler(self.report),
             },
         )
 
-    def _raw(
-        self, message: type[Message], method: Callable[[Any, Any], Awaitable[Any]], name: str
-    ) -> Callable[[bytes, Any], Awaitable[Any]]:
-        async def call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                parsed = message.FromString(request)
-            except DecodeError as error:
-                self.metrics.bad_requests.labels(name).inc()
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"not a {message.DESCRIPTOR.full_name}: {error}",
-                )
-            return await method(parsed, context)
+    async def _bad_request(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, message: str
+    ) -> NoReturn:
+        self.metrics.bad_requests.labels(method).inc()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        raise AssertionError("context.abort returned")  # it raises
 
-        return call
-
-    async def Check(
-        self, request: check_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> check_pb2.CheckResponse:
+    async def check(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """A serialized CheckRequest in, a serialized CheckResponse out."""
         started = time.perf_counter()
         try:
-            attributes = decode(request.attributes, request.global_word_count, into=MapBag())
+            parsed = check_pb2.CheckRequest.FromString(request)
+            attributes = decode(parsed.attributes, parsed.global_word_count, into=MapBag())
+        except DecodeError as error:
+            await self._bad_request(context, "Check", f"not a {_CHECK_REQUEST}: {error}")
         except BagError as error:
-            self.metrics.bad_requests.labels("Check").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"attributes: {error}")
-        asked = request.quotas
-        quotas = {name: QuotaRequest(asked[name].amount, asked[name].best_effort) for name in asked}
-        outcome = await self.runtime.check(attributes, quotas, request.deduplication_id)
-        response = check_response(outcome)
+            await self._bad_request(context, "Check", f"attributes: {error}")
+        asked = parsed.quotas
+        quotas = (
+            {name: QuotaRequest(asked[name].amount, asked[name].best_effort) for name in asked}
+            if asked
+            else None
+        )
+        outcome = await self.runtime.check(attributes, quotas, parsed.deduplication_id)
+        response = check_response_bytes(outcome)
         counter = self._check_counters.get(outcome.status_code)
         if counter is None:
             name = _CODE_NAMES.get(outcome.status_code, str(outcome.status_code))
@@ -144,15 +166,19 @@ class MixerService(service_pb2_grpc.MixerServicer):
         self.metrics.check_latency.observe(time.perf_counter() - started)
         return response
 
-    async def Report(
-        self, request: report_pb2.ReportRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> report_pb2.ReportResponse:
+    async def report(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """A serialized ReportRequest in, a serialized (empty) ReportResponse out."""
         try:
-            records = decode_report(request, into=MapBag)
+            records = decode_report(report_pb2.ReportRequest.FromString(request), into=MapBag)
+        except DecodeError as error:
+            await self._bad_request(context, "Report", f"not a {_REPORT_REQUEST}: {error}")
         except BagError as error:
-            self.metrics.bad_requests.labels("Report").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"attributes: {error}")
+            await self._bad_request(context, "Report", f"attributes: {error}")
         self.metrics.reports.inc()
         self.metrics.report_records.inc(len(records))
         await self.runtime.report(records)
-        return report_pb2.ReportResponse()
+        return _EMPTY_REPORT_RESPONSE
+
+
+_CHECK_REQUEST = check_pb2.CheckRequest.DESCRIPTOR.full_name
+_REPORT_REQUEST = report_pb2.ReportRequest.DESCRIPTOR.full_name

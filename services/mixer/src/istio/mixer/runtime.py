@@ -33,7 +33,6 @@ from istio.expr import AttributeAbsent, Bag, EvaluationError, MapBag, Reference,
 from istio.expr.types import Value
 from istio.mixer.config import (
     DEFAULT_CONFIG_NAMESPACE,
-    Dispatch,
     HandlerSpec,
     Plan,
     RuleSpec,
@@ -47,6 +46,7 @@ from istio.mixersdk import (
     AdapterInfo,
     CheckResult,
     Env,
+    InstanceBuilder,
     QuotaArgs,
     QuotaResult,
     implements,
@@ -115,6 +115,39 @@ class ProducedBag:
             return None if found is None else str(found)
 
 
+class _Rule:
+    """A rule as requests use it: its handlers' methods looked up once per config, not per
+    call."""
+
+    __slots__ = ("check", "key", "match", "report", "spec")
+
+    def __init__(self, spec: RuleSpec, handlers: Mapping[str, Any]) -> None:
+        self.spec = spec
+        self.key = spec.key
+        self.match = spec.match.evaluate if spec.match is not None else None
+        # (handler key, the handler's method for the template, instance builders)
+        self.check: tuple[tuple[str, Callable[..., Any], tuple[InstanceBuilder, ...]], ...] = tuple(
+            (d.handler, _method(handlers[d.handler], d.template), d.instances) for d in spec.check
+        )
+        # ((handler key, template): the batch it adds to, handler key, method, builders)
+        self.report: tuple[
+            tuple[tuple[str, str], str, Callable[..., Any], tuple[InstanceBuilder, ...]], ...
+        ] = tuple(
+            (
+                (d.handler, d.template),
+                d.handler,
+                _method(handlers[d.handler], d.template),
+                d.instances,
+            )
+            for d in spec.report
+        )
+
+
+def _method(handler: Any, template: str) -> Callable[..., Any]:
+    method: Callable[..., Any] = getattr(handler, TEMPLATES[template].handler_method)
+    return method
+
+
 class Active:
     """One config in force: its plan, its live handlers, and the requests using it."""
 
@@ -128,15 +161,21 @@ class Active:
         self.producers: dict[str, tuple[Any, ...]] = {
             name: tuple(handlers[key] for key in keys) for name, keys in plan.producers.items()
         }
-        self._selection: dict[tuple[str, bool], tuple[RuleSpec, ...]] = {}
-        # Quota name (lowercase; the instance's full or short name) -> where it is charged.
-        self.quota_index: dict[str, list[tuple[RuleSpec, Dispatch, Any]]] = {}
+        self._selection: dict[tuple[str, bool], tuple[_Rule, ...]] = {}
+        self._compiled: dict[int, _Rule] = {}  # id(RuleSpec) -> its _Rule
+        # Quota name (lowercase; the instance's full or short name) -> where it is charged:
+        # (the rule, its handler key, the handler's handle_quota, the instance builder).
+        self.quota_index: dict[str, list[tuple[_Rule, str, Callable[..., Any], Any]]] = {}
         for by_namespace in plan.rules.values():
-            for rule in (*by_namespace[0], *by_namespace[1]):
-                for dispatch in rule.quota:
+            for spec in (*by_namespace[0], *by_namespace[1]):
+                rule = self._compiled[id(spec)] = _Rule(spec, handlers)
+                for dispatch in spec.quota:
+                    charge = handlers[dispatch.handler].handle_quota
                     for builder in dispatch.instances:
                         for name in {builder.name.lower(), builder.name.split(".", 1)[0].lower()}:
-                            self.quota_index.setdefault(name, []).append((rule, dispatch, builder))
+                            self.quota_index.setdefault(name, []).append(
+                                (rule, dispatch.handler, charge, builder)
+                            )
         # What selection must read: only what some rule depends on, so that the referenced
         # attributes (the client's cache key) stay as few as the config allows.
         self._has_tcp = any(tcp for _, tcp in plan.rules.values())
@@ -150,19 +189,19 @@ class Active:
         if self.retired and self.in_flight == 0:
             self.drained.set()
 
-    def rules(self, namespace: str, tcp: bool) -> tuple[RuleSpec, ...]:
+    def rules(self, namespace: str, tcp: bool) -> tuple[_Rule, ...]:
         """The rules of the default config namespace, then those of `namespace`."""
         key = (namespace, tcp)
         found = self._selection.get(key)
         if found is None:
             plan = self.plan
-            found = plan.rules.get(plan.default_namespace, ((), ()))[tcp]
+            specs = plan.rules.get(plan.default_namespace, ((), ()))[tcp]
             if namespace != plan.default_namespace:
-                found += plan.rules.get(namespace, ((), ()))[tcp]
-            self._selection[key] = found
+                specs += plan.rules.get(namespace, ((), ()))[tcp]
+            found = self._selection[key] = tuple(self._compiled[id(spec)] for spec in specs)
         return found
 
-    def select(self, bag: Bag) -> tuple[RuleSpec, ...]:
+    def select(self, bag: Bag) -> tuple[_Rule, ...]:
         tcp = self._has_tcp and bag.get("context.protocol") == "tcp"
         namespace = destination_namespace(bag) if self._has_namespaced else ""
         if namespace not in self.plan.rules:
@@ -324,73 +363,78 @@ class Runtime:
         active = self.active
         active.enter()
         try:
-            return await self._check(active, attributes, quotas or {}, deduplication_id)
+            tracking = TrackingBag(
+                attributes if isinstance(attributes, MapBag) else MapBag(attributes)
+            )
+            bag: Bag = ProducedBag(tracking, active.producers) if active.producers else tracking
+            rules = self._matching(active.select(bag), bag)
+            results: list[tuple[str, Any]] = []
+            pending: dict[asyncio.Future[Any], int] = {}
+            failures: list[CheckResult] = []
+            for rule in rules:
+                for handler_key, method, builders in rule.check:
+                    for builder in builders:
+                        instance = self._instance(builder, bag)
+                        if instance is None:
+                            failures.append(
+                                CheckResult(
+                                    INTERNAL,
+                                    f"{builder.name}: cannot be built from the request's "
+                                    "attributes",
+                                    timedelta(0),
+                                    1,
+                                )
+                            )
+                            continue
+                        self._start(results, pending, handler_key, method, instance)
+            if pending:
+                await self._settle(results, pending)
+            status, message = OK, ""
+            valid_duration, use_count = self.default_valid_duration, DEFAULT_VALID_USE_COUNT
+            for handler_key, result in results:
+                if not isinstance(result, CheckResult):
+                    result = CheckResult(UNAVAILABLE, str(result), timedelta(0), 1)
+                if status == OK and result.status_code != OK:
+                    status, message = result.status_code, f"{handler_key}:{result.message}"
+                if result.valid_duration < valid_duration:
+                    valid_duration = result.valid_duration
+                if result.valid_use_count < use_count:
+                    use_count = result.valid_use_count
+            for failure in failures:
+                if status == OK:
+                    status, message = failure.status_code, failure.message
+                valid_duration, use_count = timedelta(0), 1
+            granted: dict[str, QuotaResult] = {}
+            if quotas:
+                charged, names, pending = self._charge(
+                    active, rules, bag, quotas, deduplication_id, status == OK, granted
+                )
+                if pending:
+                    await self._settle(charged, pending)
+                for name, (_, outcome) in zip(names, charged, strict=True):
+                    if not isinstance(outcome, QuotaResult):
+                        outcome = QuotaResult(0, timedelta(0), UNAVAILABLE, str(outcome))
+                    previous = granted.get(name)
+                    if previous is None or outcome.granted < previous.granted:
+                        granted[name] = outcome
+            return CheckOutcome(
+                status,
+                message,
+                min(valid_duration, self.max_valid_duration),
+                use_count,
+                tracking.asked(),
+                granted,
+            )
         finally:
             active.leave()
 
-    async def _check(
-        self,
-        active: Active,
-        attributes: dict[str, Value],
-        quotas: Mapping[str, QuotaRequest],
-        deduplication_id: str,
-    ) -> CheckOutcome:
-        tracking = TrackingBag(attributes if isinstance(attributes, MapBag) else MapBag(attributes))
-        bag: Bag = ProducedBag(tracking, active.producers) if active.producers else tracking
-        rules = self._matching(active.select(bag), bag)
-        calls: list[_Call] = []
-        failures: list[CheckResult] = []
-        for rule in rules:
-            for dispatch in rule.check:
-                handler = active.handlers[dispatch.handler]
-                method = getattr(handler, TEMPLATES[dispatch.template].handler_method)
-                for builder in dispatch.instances:
-                    instance = self._instance(builder, bag)
-                    if instance is None:
-                        failures.append(
-                            CheckResult(
-                                INTERNAL,
-                                f"{builder.name}: cannot be built from the request's attributes",
-                                timedelta(0),
-                                1,
-                            )
-                        )
-                        continue
-                    calls.append((dispatch.handler, _bind(method, instance)))
-        results = await self._run(calls)
-        status, message = OK, ""
-        valid_duration, use_count = self.default_valid_duration, DEFAULT_VALID_USE_COUNT
-        for handler_key, result in results:
-            if not isinstance(result, CheckResult):
-                result = CheckResult(UNAVAILABLE, str(result), timedelta(0), 1)
-            if status == OK and result.status_code != OK:
-                status, message = result.status_code, f"{handler_key}:{result.message}"
-            valid_duration = min(valid_duration, result.valid_duration)
-            use_count = min(use_count, result.valid_use_count)
-        for failure in failures:
-            if status == OK:
-                status, message = failure.status_code, failure.message
-            valid_duration, use_count = timedelta(0), 1
-        quota_results: dict[str, QuotaResult] = {}
-        if quotas:
-            quota_results = await self._quotas(
-                active, rules, bag, quotas, deduplication_id, status == OK
-            )
-        return CheckOutcome(
-            status,
-            message,
-            min(valid_duration, self.max_valid_duration),
-            use_count,
-            tracking.asked(),
-            quota_results,
-        )
-
-    def _matching(self, rules: Sequence[RuleSpec], bag: Bag) -> list[RuleSpec]:
+    def _matching(self, rules: Sequence[_Rule], bag: Bag) -> list[_Rule]:
         matched = []
         for rule in rules:
-            if rule.match is not None:
+            match = rule.match
+            if match is not None:
                 try:
-                    if not rule.match.evaluate(bag):
+                    if not match(bag):
                         continue
                 except EvaluationError as error:
                     log.debug("rule %s does not apply: %s", rule.key, error)
@@ -399,53 +443,56 @@ class Runtime:
             matched.append(rule)
         return matched
 
-    def _instance(self, builder: Any, bag: Bag) -> Any:
+    def _instance(
+        self, builder: InstanceBuilder, bag: Bag, memo: dict[str, Any] | None = None
+    ) -> Any:
+        """The instance, or None (counted) when the bag does not allow one. A Report shares
+        `memo` among a bag's instances (see InstanceBuilder.build); a Check's few instances
+        seldom share a field, and build without."""
         try:
-            return builder.build(bag)
+            return builder.build(bag, memo)
         except EvaluationError as error:
-            log.debug("instance %s: %s", builder.name, error)
-            self.metrics.instance_errors.labels(builder.name).inc()
+            self._instance_failed(builder, error)
             return None
 
-    async def _quotas(
+    def _instance_failed(self, builder: InstanceBuilder, error: EvaluationError) -> None:
+        log.debug("instance %s: %s", builder.name, error)
+        self.metrics.instance_errors.labels(builder.name).inc()
+
+    def _charge(
         self,
         active: Active,
-        rules: Sequence[RuleSpec],
+        rules: Sequence[_Rule],
         bag: Bag,
         quotas: Mapping[str, QuotaRequest],
         deduplication_id: str,
         allowed: bool,
-    ) -> dict[str, QuotaResult]:
-        results: dict[str, QuotaResult] = {}
-        calls: dict[str, list[_Call]] = {}
-        matched = {id(rule) for rule in rules}
+        granted: dict[str, QuotaResult],
+    ) -> tuple[list[tuple[str, Any]], list[str], dict[asyncio.Future[Any], int]]:
+        """Ask the quota handlers of the matching rules for each quota asked: their answers
+        as `_start` gives them, and the quota each is for. What needs no handler goes in
+        `granted` (everything is refused when a check failed; a quota nothing limits is
+        granted in full)."""
+        charged: list[tuple[str, Any]] = []  # (handler key, answer), in call order
+        names: list[str] = []
+        pending: dict[asyncio.Future[Any], int] = {}
         for name, asked in quotas.items():
             if not allowed:
-                results[name] = QuotaResult(0, timedelta(0))
+                granted[name] = QuotaResult(0, timedelta(0))
                 continue
-            for rule, dispatch, builder in active.quota_index.get(name.lower(), ()):
-                if id(rule) not in matched:
+            calls = len(charged)
+            for rule, handler_key, charge, builder in active.quota_index.get(name.lower(), ()):
+                if rule not in rules:
                     continue
                 instance = self._instance(builder, bag)
                 if instance is None:
                     continue
-                handler = active.handlers[dispatch.handler]
                 args = QuotaArgs(name, asked.amount, asked.best_effort, deduplication_id)
-                calls.setdefault(name, []).append(
-                    (dispatch.handler, _bind(handler.handle_quota, instance, args))
-                )
-            if name not in calls:
-                # No quota is configured for it: nothing limits it.
-                results[name] = QuotaResult(asked.amount, self.default_valid_duration)
-        flat = [(name, call) for name, group in calls.items() for call in group]
-        outcomes = await self._run([call for _, call in flat])
-        for (name, _), (_, outcome) in zip(flat, outcomes, strict=True):
-            if not isinstance(outcome, QuotaResult):
-                outcome = QuotaResult(0, timedelta(0), UNAVAILABLE, str(outcome))
-            previous = results.get(name)
-            if previous is None or outcome.granted < previous.granted:
-                results[name] = outcome
-        return results
+                self._start(charged, pending, handler_key, charge, instance, args)
+                names.append(name)
+            if len(charged) == calls:
+                granted[name] = QuotaResult(asked.amount, self.default_valid_duration)
+        return charged, names, pending
 
     # Report.
 
@@ -453,68 +500,81 @@ class Runtime:
         active = self.active
         active.enter()
         try:
-            batches: dict[tuple[str, str], list[Any]] = {}
+            # (handler key, template) -> (handler key, its method, the instances for it)
+            batches: dict[tuple[str, str], tuple[str, Callable[..., Any], list[Any]]] = {}
+            producers = active.producers
             for attributes in records:
                 bag: Bag = attributes if isinstance(attributes, MapBag) else MapBag(attributes)
-                if active.producers:
-                    bag = ProducedBag(bag, active.producers)
+                if producers:
+                    bag = ProducedBag(bag, producers)
+                memo: dict[str, Any] = {}
                 for rule in self._matching(active.select(bag), bag):
-                    for dispatch in rule.report:
-                        batch = batches.setdefault((dispatch.handler, dispatch.template), [])
-                        for builder in dispatch.instances:
-                            instance = self._instance(builder, bag)
-                            if instance is not None:
-                                batch.append(instance)
-            calls: list[_Call] = []
-            for (handler_key, template), instances in batches.items():
+                    for batch_key, handler_key, method, builders in rule.report:
+                        batch = batches.get(batch_key)
+                        if batch is None:
+                            batch = batches[batch_key] = (handler_key, method, [])
+                        instances = batch[2]
+                        for builder in builders:
+                            try:  # as _instance does, inline: four times per record here
+                                instances.append(builder.build(bag, memo))
+                            except EvaluationError as error:
+                                self._instance_failed(builder, error)
+            results: list[tuple[str, Any]] = []
+            pending: dict[asyncio.Future[Any], int] = {}
+            for handler_key, method, instances in batches.values():
                 if instances:
-                    method = getattr(
-                        active.handlers[handler_key], TEMPLATES[template].handler_method
-                    )
-                    calls.append((handler_key, _bind(method, instances)))
-            await self._run(calls)
+                    self._start(results, pending, handler_key, method, instances)
+            if pending:
+                await self._settle(results, pending)
         finally:
             active.leave()
 
     # Calling handlers.
 
-    async def _run(self, calls: Sequence[_Call]) -> list[tuple[str, Any]]:
-        """Every call's result (or the failure, as a string), in order. Calls that answer at
-        once cost no task; awaitables share one deadline and are cancelled after it."""
-        results: list[tuple[str, Any]] = []
-        pending: dict[asyncio.Future[Any], int] = {}
-        for handler_key, call in calls:
-            try:
-                value = call()
-            except Exception as error:
-                results.append((handler_key, self._failed(handler_key, "error", error)))
-                continue
-            if inspect.isawaitable(value):
-                pending[asyncio.ensure_future(value)] = len(results)
-                results.append((handler_key, None))
-            else:
-                results.append((handler_key, value))
-        if pending:
-            done, late = await asyncio.wait(pending, timeout=self.adapter_timeout)
-            for future in late:
-                future.cancel()
-                handler_key = results[pending[future]][0]
-                results[pending[future]] = (
-                    handler_key,
-                    self._failed(handler_key, "timeout", f"no answer in {self.adapter_timeout}s"),
-                )
-            for future in done:
-                handler_key = results[pending[future]][0]
-                failure = future.exception()
-                results[pending[future]] = (
-                    handler_key,
-                    self._failed(handler_key, "error", failure)
-                    if failure is not None
-                    else future.result(),
-                )
-            if late:
-                await asyncio.wait(late)
-        return results
+    def _start(
+        self,
+        results: list[tuple[str, Any]],
+        pending: dict[asyncio.Future[Any], int],
+        handler_key: str,
+        method: Callable[..., Any],
+        *args: Any,
+    ) -> None:
+        """Call a handler and append (handler key, its answer, or the failure as a string) to
+        `results`; an answer still to come goes in `pending` (by its place in `results`) for
+        `_settle`. Calls that answer at once cost no task."""
+        try:
+            value = method(*args)
+        except Exception as error:
+            results.append((handler_key, self._failed(handler_key, "error", error)))
+            return
+        if not isinstance(value, _ANSWERS) and inspect.isawaitable(value):
+            pending[asyncio.ensure_future(value)] = len(results)
+            results.append((handler_key, None))
+        else:
+            results.append((handler_key, value))
+
+    async def _settle(
+        self, results: list[tuple[str, Any]], pending: dict[asyncio.Future[Any], int]
+    ) -> None:
+        """Wait for the pending answers, with one deadline, `adapter_timeout`, for all: late
+        ones are cancelled and count as failed. Each lands in its place in `results`."""
+        done, late = await asyncio.wait(pending, timeout=self.adapter_timeout)
+        for future in late:
+            future.cancel()
+            handler_key = results[pending[future]][0]
+            results[pending[future]] = (
+                handler_key,
+                self._failed(handler_key, "timeout", f"no answer in {self.adapter_timeout}s"),
+            )
+        for future in done:
+            handler_key = results[pending[future]][0]
+            error = future.exception()
+            results[pending[future]] = (
+                handler_key,
+                self._failed(handler_key, "error", error) if error is not None else future.result(),
+            )
+        if late:
+            await asyncio.wait(late)
 
     def _failed(self, handler_key: str, reason: str, error: object) -> str:
         self.metrics.dispatch_errors.labels(handler_key, reason).inc()
@@ -525,8 +585,8 @@ class Runtime:
         return f"handler {handler_key}: {error}"
 
 
-def _bind(method: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    return lambda: method(*args)
+# What handlers answer at once: no need to ask whether they are awaitable.
+_ANSWERS = (CheckResult, QuotaResult)
 
 
 def _handler_problem(spec: HandlerSpec, message: str) -> Problem:

@@ -40,6 +40,9 @@ class ListChecker:
         self.ttl: float = params["ttl"].total_seconds()
         self.valid_duration = params["caching_interval"]
         self.valid_use_count: int = params["caching_use_count"]
+        self._passed = CheckResult(
+            valid_duration=self.valid_duration, valid_use_count=self.valid_use_count
+        )  # the same answer every time: made once
         self.overrides: list[str] = params["overrides"]
         self.strings: frozenset[str] = frozenset()
         self.networks: tuple[_Network, ...] = ()
@@ -116,28 +119,30 @@ class ListChecker:
             return CheckResult(
                 UNAVAILABLE, f"list unavailable: {reason}", self.valid_duration * 0, 1
             )
-        shown = text(instance.value)
         try:
             found = self.contains(instance.value)
         except ValueError:
             return CheckResult(
                 INVALID_ARGUMENT,
-                f"{shown} is not an IP address",
+                f"{text(instance.value)} is not an IP address",
                 self.valid_duration,
                 self.valid_use_count,
             )
         if self.blacklist and found:
             return CheckResult(
                 PERMISSION_DENIED,
-                f"{shown} is blacklisted",
+                f"{text(instance.value)} is blacklisted",
                 self.valid_duration,
                 self.valid_use_count,
             )
         if not self.blacklist and not found:
             return CheckResult(
-                NOT_FOUND, f"{shown} is not whitelisted", self.valid_duration, self.valid_use_count
+                NOT_FOUND,
+                f"{text(instance.value)} is not whitelisted",
+                self.valid_duration,
+                self.valid_use_count,
             )
-        return CheckResult(valid_duration=self.valid_duration, valid_use_count=self.valid_use_count)
+        return self._passed
 
     async def close(self) -> None:
         if self._refresher is not None:

@@ -73,19 +73,29 @@ class MetricCollector(Collector):
         self._lock = threading.Lock()  # collect() runs in the exposition thread
 
     def record(self, labels: tuple[str, ...], value: float) -> None:
+        self.record_many(labels, (value,))
+
+    def record_many(self, labels: tuple[str, ...], values: Sequence[float]) -> None:
+        """`values` into one series, in order (as many `record` calls, under one lock)."""
         definition = self.definition
         with self._lock:
             series = self.series.get(labels)
             if series is None:
                 series = self.series[labels] = _Series(counts=[0] * (len(definition.buckets) + 1))
             if definition.kind == "COUNTER":
-                series.value += value
+                total = series.value
+                for value in values:
+                    total += value
+                series.value = total
             elif definition.kind == "GAUGE":
-                series.value = value
+                series.value = values[-1]
             else:
-                series.counts[bisect.bisect_left(definition.buckets, value)] += 1
-                series.value += value
-                series.total += 1
+                buckets, counts, total = definition.buckets, series.counts, series.value
+                for value in values:
+                    counts[bisect.bisect_left(buckets, value)] += 1
+                    total += value
+                series.value = total
+                series.total += len(values)
 
     def collect(self) -> Iterator[Metric]:
         definition = self.definition
@@ -141,6 +151,10 @@ def _release(registry: CollectorRegistry, collector: MetricCollector) -> None:
             del collectors[collector.definition.name]
 
 
+def _label(value: object) -> str:
+    return value if type(value) is str else text(value)  # type: ignore[arg-type]
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -176,6 +190,7 @@ class PrometheusHandler:
         self.registry = registry
         self.env = env
         self.by_instance: dict[str, list[MetricCollector]] = {}
+        self._resolved: dict[str, list[MetricCollector]] = {}  # _targets' answers
         self.collectors: list[MetricCollector] = []
         try:
             for metric in params["metrics"]:
@@ -194,22 +209,51 @@ class PrometheusHandler:
             raise
 
     def _targets(self, instance_name: str) -> list[MetricCollector]:
-        found = self.by_instance.get(instance_name)
+        found = self._resolved.get(instance_name)
         if found is None:
-            found = self.by_instance.get(instance_name.split(".", 1)[0], [])
+            found = self.by_instance.get(instance_name)
+            if found is None:
+                found = self.by_instance.get(instance_name.split(".", 1)[0], [])
+            if len(self._resolved) >= 1024:  # instance names come from config: few
+                self._resolved.clear()
+            self._resolved[instance_name] = found
         return found
 
     def handle_metric(self, instances: Sequence[MetricInstance]) -> None:
-        for instance in instances:
-            targets = self._targets(instance.name)
-            if not targets:
-                continue
-            value = number(instance.value)
-            dimensions = instance.dimensions
-            for collector in targets:
-                values = [dimensions.get(n) for n in collector.definition.label_names]
-                labels = tuple(v if type(v) is str else text(v) for v in values)
-                collector.record(labels, value)
+        """Every instance's value into its metrics' series. A Report's instances mostly fall
+        in few series: the values are gathered per series and recorded together, in order."""
+        gathered: dict[tuple[MetricCollector, tuple[str, ...]], list[float]] = {}
+        # Instances of one request share their dimensions map (see InstanceBuilder.build):
+        # its labels are made once per metric's label names. Keyed by id(); the instances
+        # keep the maps alive for this call.
+        labels_of: dict[tuple[int, tuple[str, ...]], tuple[str, ...]] = {}
+        resolved = self._resolved
+        try:
+            for instance in instances:
+                targets = resolved.get(instance.name)
+                if targets is None:
+                    targets = self._targets(instance.name)
+                if not targets:
+                    continue
+                value = number(instance.value)
+                dimensions = instance.dimensions
+                for collector in targets:
+                    names = collector.definition.label_names
+                    labels_key = (id(dimensions), names)
+                    labels = labels_of.get(labels_key)
+                    if labels is None:
+                        labels = labels_of[labels_key] = tuple(
+                            [_label(dimensions.get(n)) for n in names]
+                        )
+                    series_key = (collector, labels)
+                    found = gathered.get(series_key)
+                    if found is None:
+                        gathered[series_key] = [value]
+                    else:
+                        found.append(value)
+        finally:  # what came before a bad instance is recorded, as one by one it would be
+            for (collector, labels), values in gathered.items():
+                collector.record_many(labels, values)
 
     def _release_all(self) -> None:
         for collector in self.collectors:
