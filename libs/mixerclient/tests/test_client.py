@@ -3,6 +3,7 @@ splitting, and Check through an in-memory transport."""
 
 from __future__ import annotations
 
+import asyncio
 from types import MappingProxyType
 
 from istio.api.mixer.v1 import check_pb2, report_pb2
@@ -122,3 +123,53 @@ async def test_reports_carry_every_record_and_drop_only_one_the_wire_cannot_carr
         {"request.path": "/d"},
     ]
     assert (client.stats.reports_sent, client.stats.report_records) == (2, 3)
+
+
+class Allowing(Canned):
+    """Answers OK (10 s, 100 uses); each call waits for `release` when one is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release: asyncio.Event | None = None
+
+    async def check(self, request: bytes) -> bytes:
+        if self.release is not None:
+            await self.release.wait()
+        reply = check_pb2.CheckResponse.FromString(await super().check(request))
+        reply.precondition.status.code = 0
+        return reply.SerializeToString()
+
+
+async def test_an_answer_about_to_run_out_is_refreshed_once_in_the_background() -> None:
+    transport = Allowing()
+    now = [0.0]
+    client = MixerClient(transport, clock=lambda: now[0])
+    bag = {"request.path": "/x"}
+    assert (await client.check(bag)).ok
+    assert transport.calls == 1
+    now[0] = 7.9  # within the first 80% of the valid duration: answered from the cache
+    assert (await client.check(bag)).cached
+    assert transport.calls == 1
+    now[0] = 8.5  # past it: still answered at once, while one call refreshes the entry
+    transport.release = asyncio.Event()
+    answers = [await client.check(bag) for _ in range(5)]
+    assert all(a.ok and a.cached for a in answers)
+    assert client.stats.check_refreshes == 1
+    transport.release.set()
+    await client.close()
+    assert transport.calls == 2
+    now[0] = 12.0  # the first answer would have expired at 10 s: the refreshed one serves
+    assert (await client.check(bag)).cached
+    assert transport.calls == 2
+
+
+async def test_an_answer_near_its_use_count_is_refreshed() -> None:
+    transport = Allowing()
+    client = MixerClient(transport, clock=lambda: 0.0)
+    bag = {"request.path": "/x"}
+    for _ in range(80):  # the first call, then 79 of its 99 cached uses
+        assert (await client.check(bag)).ok
+    assert client.stats.check_refreshes == 0
+    assert (await client.check(bag)).cached  # 20 uses left: time to ask again
+    await client.close()
+    assert (client.stats.check_refreshes, transport.calls) == (1, 2)

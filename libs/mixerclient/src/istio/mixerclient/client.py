@@ -68,6 +68,11 @@ class Transport(Protocol):
     async def report(self, request: bytes) -> bytes: ...
 
 
+# A cached Check answer is asked for again once this share of its valid duration (or of its
+# use count) is spent.
+REFRESH_AT = 0.8
+
+
 @dataclass(frozen=True, slots=True)
 class ClientOptions:
     check_cache_entries: int = 10_000
@@ -97,6 +102,7 @@ class ClientStats:
     checks: int = 0
     check_cache_hits: int = 0
     check_calls: int = 0
+    check_refreshes: int = 0
     quota_pool_hits: int = 0
     transport_failures: int = 0
     reports_sent: int = 0
@@ -189,6 +195,12 @@ class _CheckEntry:
     answer: CheckAnswer  # as a cache hit returns it (cached=True), made once
     expires: float
     uses_left: int
+    # Refresh ahead: past this time, or down to this many uses, one hit asks Mixer again in
+    # the background while the answer still serves. Without it every connection's next
+    # request misses at once when the answer runs out, and they all wait for Mixer.
+    refresh_at: float = 0.0
+    refresh_uses: int = 0
+    refreshing: bool = False
 
 
 @dataclass(slots=True)
@@ -249,6 +261,7 @@ class MixerClient:
         self._batch = ReportEncoder()
         self._flusher: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._refreshing: set[asyncio.Task[CheckAnswer]] = set()
 
     # Check.
 
@@ -287,7 +300,21 @@ class MixerClient:
             self.check_cache.drop(key)
             return None
         entry.uses_left -= 1
+        if not entry.refreshing and (
+            now >= entry.refresh_at or entry.uses_left <= entry.refresh_uses
+        ):
+            entry.refreshing = True
+            self._refresh(attributes)
         return entry.answer
+
+    def _refresh(self, attributes: Mapping[str, Value]) -> None:
+        """Ask Mixer again for a cached answer about to run out; its reply replaces the entry
+        (a failed call leaves it to expire, and the next request asks in line)."""
+        self.stats.check_refreshes += 1
+        bag = dict(attributes)  # the request's bag may change once it is reported
+        task = asyncio.get_running_loop().create_task(self._call_check(bag, {}, "", self.clock()))
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
 
     def _take_from_pool(
         self, name: str, attributes: Mapping[str, Value], amount: int, now: float
@@ -356,6 +383,8 @@ class MixerClient:
                     CheckAnswer(precondition.status.code, precondition.status.message, cached=True),
                     now + valid,
                     precondition.valid_use_count - 1,
+                    refresh_at=now + valid * REFRESH_AT,
+                    refresh_uses=int(precondition.valid_use_count * (1 - REFRESH_AT)),
                 ),
             )
         if precondition.status.code != OK:
@@ -447,6 +476,8 @@ class MixerClient:
 
     async def close(self) -> None:
         await self.flush()
+        if self._refreshing:
+            await asyncio.gather(*list(self._refreshing), return_exceptions=True)
 
 
 class ReportEncoder:
