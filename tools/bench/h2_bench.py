@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from proxy_bench import (
     BIN,
+    HAPROXY_GLOBAL,
     ROOT,
     BenchError,
     Procs,
@@ -94,20 +95,6 @@ GRPC_READY = "grpc echo serving"
 WINDOW_START, WINDOW_END = "measuring", "measured"  # the gRPC client's marks on stdout
 H2_PATHS = ("direct", "haproxy", "sidecar")
 GRPC_PATHS = ("direct", "two sidecars")
-
-HAPROXY_GLOBAL = """\
-global
-  nbthread 1
-  maxconn 4000
-  tune.maxaccept 64
-defaults
-  mode http
-  option http-keep-alive
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  timeout http-keep-alive 60s
-"""
 
 SERVICE_ENTRY = """\
 apiVersion: networking.istio.io/v1alpha3
