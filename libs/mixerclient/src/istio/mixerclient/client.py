@@ -300,8 +300,9 @@ class MixerClient:
             self.check_cache.drop(key)
             return None
         entry.uses_left -= 1
+        # (an answer whose last use this was is not refreshed: the next request asks in line)
         if not entry.refreshing and (
-            now >= entry.refresh_at or entry.uses_left <= entry.refresh_uses
+            now >= entry.refresh_at or 0 < entry.uses_left <= entry.refresh_uses
         ):
             entry.refreshing = True
             self._refresh(attributes)
