@@ -5,10 +5,8 @@ charges are answered 429 once Mixer's memquota grants no more."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,9 +33,9 @@ from istio.proxy.config import (
 )
 from istio.proxy.context import Context
 from istio.proxy.listeners import ListenerManager
+from istio.testing.mixer import serve
 from istio.testing.net import free_port
 
-BIN = Path(sys.executable).parent
 PROXY_IP, APP_IP = "127.0.0.61", "127.0.0.62"
 # 0.2's "deny without x-user" scenario, for the reviews destination only.
 POLICY = """
@@ -101,33 +99,8 @@ async def mixer(tmp_path: Path) -> AsyncIterator[str]:
     config.mkdir()
     (config / "policy.yaml").write_text(POLICY)
     (config / "quota.yaml").write_text(QUOTA)
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        str(BIN / "mixs"),
-        "server",
-        "--config-store",
-        f"file://{config}",
-        "--grpc-addr",
-        f"127.0.0.1:{port}",
-        "--monitoring-addr",
-        f"127.0.0.1:{free_port()}",
-        "--prometheus-addr",
-        f"127.0.0.1:{free_port()}",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    seen = []
-    while True:
-        line = await asyncio.wait_for(process.stderr.readline(), 30)
-        seen.append(line)
-        assert line, b"".join(seen).decode()
-        if b"config generation 1 in force" in line:
-            break
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        await process.wait()
+    async with serve(config) as running:
+        yield running.address
 
 
 async def test_inbound_requests_are_checked_and_reported(mixer: str) -> None:

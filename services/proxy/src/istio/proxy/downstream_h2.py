@@ -53,6 +53,7 @@ from istio.proxy.http import (
     Exchange,
     HttpConnection,
     find_manager,
+    grpc_timeout,
 )
 from istio.proxy.writes import CorkedFrames
 
@@ -197,6 +198,8 @@ class H2Downstream(CorkedFrames, asyncio.Protocol):
                     authority = value
                 elif name == b"content-type":
                     exchange.grpc = value.startswith(_GRPC_CONTENT_TYPE)
+                elif name == b"grpc-timeout":
+                    exchange.deadline = grpc_timeout(value.strip())
         if cookies:
             regular.append((b"cookie", b"; ".join(cookies)))
         exchange.h2_authority = authority.decode("latin-1")
@@ -297,6 +300,7 @@ class StreamExchange(Exchange):
     """One request stream of an `H2Downstream`: an `Exchange` that answers in frames."""
 
     __slots__ = (
+        "deadline",
         "downstream",
         "grpc",
         "h2_authority",
@@ -316,6 +320,7 @@ class StreamExchange(Exchange):
         self.length = None
         self.h2_authority = ""
         self.grpc = False
+        self.deadline: float | None = None  # grpc-timeout, in seconds
         self.request_pauses: set[str] = set()
         self.withheld = 0  # request bytes taken but not yet acknowledged
         self.send_paused = False
@@ -324,6 +329,9 @@ class StreamExchange(Exchange):
 
     def _authority_and_path(self) -> tuple[str, str]:
         return self.h2_authority, self.target.decode("latin-1")
+
+    def _grpc_timeout(self) -> float | None:
+        return self.deadline
 
     def consumed(self, flow_length: int) -> None:
         if self.request_pauses:
@@ -424,23 +432,13 @@ class StreamExchange(Exchange):
             return
         downstream.flush()
 
-    def local_reply(
+    def _write_local_reply(
         self,
         status: int,
         body: str,
-        *,
-        flags: str = "-",
-        overloaded: bool = False,
-        extra: tuple[tuple[bytes, bytes], ...] = (),
+        overloaded: bool,
+        extra: tuple[tuple[bytes, bytes], ...],
     ) -> None:
-        if self.finished:
-            return
-        self.flags = flags
-        if self.committed:
-            self._complete(reset=True)
-            return
-        self.committed = True
-        self.status = status
         overload = [(b"x-envoy-overloaded", b"true")] if overloaded else []
         if self.grpc:
             # gRPC's trailers-only response: the status travels in grpc-status
@@ -470,7 +468,6 @@ class StreamExchange(Exchange):
                 with contextlib.suppress(H2Error):  # the client reset it: abort() follows
                     self.downstream.h2.send_data(self.stream_id, payload, end_stream=True)
                 self.downstream.flush()
-        self._complete()
 
     def _send_headers(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> bool:
         try:

@@ -734,9 +734,8 @@ class Exchange:
         return headers
 
     def _grpc_timeout(self) -> float | None:
-        for name, value in self.headers:
-            if name.lower() == b"grpc-timeout":
-                return grpc_timeout(value.strip())
+        """The caller's gRPC deadline: gRPC rides HTTP/2 only, so an HTTP/1.1 request has
+        none (HTTP/2 streams read it while parsing their headers, not here)."""
         return None
 
     def _grpc_status(self) -> int | None:
@@ -1270,12 +1269,11 @@ class Exchange:
             self.upstream_host.active -= 1
             self.upstream_host = None
         if upstream is not None and self.cluster is not None:
-            if not (self.request_done and self.sent_index == len(self.body)):
-                upstream.close()
-            elif isinstance(upstream, UpstreamConnection):
+            reusable = self.request_done and self.sent_index == len(self.body)
+            if reusable and isinstance(upstream, UpstreamConnection):
                 self.cluster.release(upstream)
-            else:
-                upstream.release()
+            else:  # an HTTP/2 stream that ended both ways closes without a reset
+                upstream.close()
         self._complete()
 
     def _finish_body(self) -> None:
@@ -1320,6 +1318,17 @@ class Exchange:
             return
         self.committed = True
         self.status = status
+        self._write_local_reply(status, body, overloaded, extra)
+        self._complete()
+
+    def _write_local_reply(
+        self,
+        status: int,
+        body: str,
+        overloaded: bool,
+        extra: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
+        """The reply's bytes to the client (HTTP/1.1 here; HTTP/2 streams write frames)."""
         payload = body.encode()
         if not self.request_done:
             self.keep_alive = False
@@ -1339,7 +1348,6 @@ class Exchange:
             lines.append(payload)
         self.bytes_sent += len(payload)
         self.conn.write(b"".join(lines))
-        self._complete()
 
     def _complete(self, *, reset: bool = False) -> None:
         if self.finished:

@@ -304,10 +304,6 @@ class UpstreamStream:
             connection.flush()
         connection.stream_done(self)
 
-    def release(self) -> None:
-        """The exchange completed cleanly."""
-        self.close()
-
     # what the connection reports
 
     def received_headers(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
