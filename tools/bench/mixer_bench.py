@@ -584,6 +584,7 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
                     f"APP_HOST={PROXY_BACKEND_IP}",
                     f"APP_PORTS={SERVICE_PORT}:{PROXY_BACKEND_PORT}",
                 )
+                argv += ["--mixer-reports", options.mixer_reports]
                 if options.profile_proxy and mode == "on":
                     # the stats are written when the sidecar exits (SIGTERM at the end)
                     argv = [sys.executable, "-m", "cProfile", "-o", str(options.profile_proxy),
@@ -606,7 +607,7 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
                 for mode, ip in modes.items():
                     url = f"http://{ip}:{SERVICE_PORT}/"
                     warm = wrk(url, 2, options.connections, 1, host)
-                    watch = {"proxy": sidecars[mode].pid}
+                    watch = watched(sidecars[mode].pid)
                     server = servers.get(mode)
                     server_before = server.cpu_seconds() if server else 0.0
                     started = time.monotonic()
@@ -639,7 +640,7 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
                             options.connections // 2,
                             1,
                             host,
-                            {"proxy": sidecars[mode].pid},
+                            watched(sidecars[mode].pid),
                         ),
                     )
                 )
@@ -699,22 +700,47 @@ def median(values: list[float]) -> float:
     return sorted(values)[(len(values) - 1) // 2]
 
 
-def cpu_per_request(runs: list[Any]) -> list[float]:
-    """Microseconds of the proxy's CPU time per request in each run."""
-    return [r.cpu["proxy"] / r.rps * 1e6 for r in runs]
+def cpu_per_request(runs: list[Any], process: str = "proxy") -> list[float]:
+    """Microseconds of a process's CPU time per request in each run (0 without it)."""
+    return [r.cpu.get(process, 0.0) / r.rps * 1e6 for r in runs]
+
+
+def watched(pid: int) -> dict[str, int]:
+    """What a run's CPU is read of: the sidecar, and its Mixer reporter process if any."""
+    found = {"proxy": pid}
+    reporter = child_pid(pid)
+    if reporter is not None:
+        found["reporter"] = reporter
+    return found
+
+
+def child_pid(pid: int) -> int | None:
+    """A process's (first) child: the sidecar's Mixer reporter process, once started."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def reporter_cell(runs: list[Any]) -> str:
+    if not any("reporter" in r.cpu for r in runs):
+        return "-"
+    return f"{median(cpu_per_request(runs, 'reporter')):.0f} µs"
 
 
 def proxy_markdown(results: dict[str, Any], options: argparse.Namespace) -> str:
     runs, ratios = results["runs"], results["ratios"]
     lines = [
-        f"Inbound listener, wrk keep-alive GETs, {options.connections} connections, "
+        f"Inbound listener, wrk keep-alive GETs, {options.connections} connections, Mixer "
+        f"Reports made `--mixer-reports {options.mixer_reports}`, "
         f"{options.duration:g} s per run after a 2 s warm-up, {options.rounds} interleaved "
         f"rounds (medians; each ratio is the round's, then their median); other work on the "
         f"machine before the run: {results['background']:.2f} cores busy.",
         "",
         "| Mixer | req/s | p50 | p99 | proxy CPU (cores) | proxy CPU per request "
-        "| Mixer's CPU (cores) | machine busy (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| reporter CPU per request | Mixer's CPU (cores) | machine busy (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     names = {"off": "off", "on": "on (`mixs`)", "stub": "on (stub Mixer)"}
     for mode, name in names.items():
@@ -725,6 +751,7 @@ def proxy_markdown(results: dict[str, Any], options: argparse.Namespace) -> str:
             f"| {median([r.p99_ms for r in runs[mode]]):.2f} ms "
             f"| {median([r.cpu['proxy'] for r in runs[mode]]):.2f} "
             f"| {median(cpu_per_request(runs[mode])):.0f} µs "
+            f"| {reporter_cell(runs[mode])} "
             f"| {'-' if mixer is None else f'{median(mixer):.2f}'} "
             f"| {median([r.machine for r in runs[mode]]):.2f} |"
         )
@@ -859,6 +886,12 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="proxy: interleaved rounds")
     parser.add_argument("--connections", type=int, default=50, help="proxy: wrk connections")
+    parser.add_argument(
+        "--mixer-reports",
+        choices=("process", "inline"),
+        default="process",
+        help="proxy: the Mixer-on sidecars' --mixer-reports (where Reports are made)",
+    )
     parser.add_argument(
         "--profile-proxy",
         type=Path,

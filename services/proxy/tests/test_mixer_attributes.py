@@ -60,20 +60,26 @@ def test_the_server_sidecar_takes_source_attributes_but_never_source_user() -> N
     filter_ = MixerFilter("mixer:9091", True, {"destination.service": "reviews"})
     bag = mixer.request_attributes(
         filter_,
-        method="GET",
-        path="/",
-        authority="reviews",
-        headers=[(b"X-Istio-Attributes", value), (b"user-agent", b"curl")],
-        request_id="",
-        peer="127.0.0.1",
-        source_user="spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
-        mtls=True,
+        (
+            "GET",
+            "/",
+            "reviews",
+            [(b"X-Istio-Attributes", value), (b"user-agent", b"curl")],
+            "",
+            "127.0.0.1",
+            "spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
+            True,
+            1_764_000_000_123_456_789,
+        ),
     )
     assert bag["source.uid"] == "kubernetes://a.default"
     assert bag["source.ip"] == bytes([10, 0, 0, 9])  # the caller's own, not the peer's
     assert bag["source.user"] == "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
     assert bag["destination.service"] == "reviews"
     assert bag["request.headers"] == {"user-agent": "curl"}  # the header is not the app's
+    assert bag["request.time"] == datetime.datetime(
+        2025, 11, 24, 16, 0, 0, 123457, tzinfo=datetime.UTC
+    )
 
 
 @pytest.mark.parametrize("value", ["%%%", base64.b64encode(b"\xff\xff\xff").decode(), ""])
@@ -93,17 +99,8 @@ def test_a_header_that_does_not_decode_says_nothing(value: str) -> None:
 def test_a_requests_source_ip_is_its_peers(peer: str, source_ip: bytes | None) -> None:
     filter_ = MixerFilter("mixer:9091", True, {"destination.service": "ratings"})
     for _ in range(2):  # the second from packed_ip's memory: the same answer
-        bag = mixer.request_attributes(
-            filter_,
-            method="GET",
-            path="/",
-            authority="ratings:9080",
-            headers=[(b"host", b"ratings:9080")],
-            request_id="1",
-            peer=peer,
-            source_user="",
-            mtls=False,
-        )
+        record = ("GET", "/", "ratings:9080", [(b"host", b"ratings:9080")], "1", peer, "", False, 0)
+        bag = mixer.request_attributes(filter_, record)
         assert bag.get("source.ip") == source_ip
 
 
@@ -111,9 +108,7 @@ def test_a_tcp_connections_bag() -> None:
     filter_ = MixerFilter(
         "mixer:9091", True, {"destination.service": "mongo", "destination.port": 27017}
     )
-    plain = mixer.connection_attributes(
-        filter_, peer=("10.0.0.7", 41000), source_user="", mtls=False
-    )
+    plain = mixer.connection_attributes(filter_, (("10.0.0.7", 41000), "", False))
     assert plain == {
         "destination.service": "mongo",
         "destination.port": 27017,
@@ -122,7 +117,7 @@ def test_a_tcp_connections_bag() -> None:
         "source.ip": bytes([10, 0, 0, 7]),
         "source.port": 41000,
     }
-    unix = mixer.connection_attributes(filter_, peer="", source_user="spiffe://x", mtls=True)
+    unix = mixer.connection_attributes(filter_, ("", "spiffe://x", True))
     assert "source.ip" not in unix
     assert unix["source.user"] == "spiffe://x"
     assert unix["connection.mtls"] is True
@@ -183,7 +178,7 @@ def test_a_tcp_report_counts_bytes_and_says_why_it_was_denied() -> None:
         ("10.0.0.7", 41000),
         PeerIdentity("spiffe://cluster.local/ns/default/sa/a", "00"),
     )
-    session.client.report = reports.append  # type: ignore[method-assign]
+    session.mixers.client("127.0.0.1:1").report = reports.append  # type: ignore[method-assign]
     session.denial = mixer.CheckAnswer(7, "Not allowed")
     session.report(received=10, sent=25)
     (bag,) = reports

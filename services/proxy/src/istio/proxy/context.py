@@ -61,6 +61,7 @@ class Context:
         access_log: AccessLog | None = None,
         service_name: str = "istio-proxy",
         node_id: str = "",
+        mixer_reports: str = "inline",
     ) -> None:
         self.snapshot = Snapshot()
         self.stats = Stats()
@@ -73,6 +74,8 @@ class Context:
         self.tracer = Tracer(self._send_spans, service_name)
         # Mixer clients by address (istio.proxy.mixer.Mixers), made when a listener has Mixer.
         self.mixers: Any = None
+        # Where Mixer Reports are made and sent: "process" (a reporter process) or "inline".
+        self.mixer_reports = mixer_reports
         self.node_id = node_id
         # The x-istio-attributes value outbound requests carry (this sidecar's source.uid and
         # source.ip, for the server sidecar's Mixer); b"" while Pilot says Mixer is not there.

@@ -576,7 +576,8 @@ class Exchange:
         self.span: Span | None = None
         self.upgrade_early: list[bytes] | None = None  # set: an Upgrade request (its bytes)
         self.tunneled = False
-        self.mixer_report: tuple[str, dict[str, Any]] | None = None  # (Mixer address, bag)
+        # (Mixer filter, RequestRecord, Check bag or None): what the Report is made of
+        self.mixer_report: tuple[Any, tuple[Any, ...], dict[str, Any] | None] | None = None
         self.head_request = False
         self.authority = ""
         self.path = ""
@@ -1397,28 +1398,28 @@ class Exchange:
         import istio.proxy.mixer as mixer_filter
 
         conn = self.conn
-        context = conn.context
-        if context.mixers is None:
-            context.mixers = mixer_filter.Mixers()
         identity = conn.peer_identity
-        bag = mixer_filter.request_attributes(
-            mixer,
-            method=self.method.decode("latin-1"),
-            path=self.path,
-            authority=self.authority,
-            headers=self.headers,
-            request_id=self.request_id,
-            peer=conn.peer,
-            source_user=identity.spiffe_id if identity is not None else "",
-            mtls=identity is not None,
+        record: mixer_filter.RequestRecord = (
+            self.method.decode("latin-1"),
+            self.path,
+            self.authority,
+            self.headers,
+            self.request_id,
+            conn.peer,
+            identity.spiffe_id if identity is not None else "",
+            identity is not None,
+            time.time_ns(),
         )
-        self.mixer_report = (mixer.address, bag)
+        mixers = mixer_filter.mixers(conn.context)
         if not mixer.check:
+            self.mixer_report = (mixer, record, None)
             return True
+        bag = mixer_filter.request_attributes(mixer, record)
+        self.mixer_report = (mixer, record, bag)
         quotas = mixer_filter.charged_quotas(mixer, bag) if mixer.quotas else None
         traced = self.span is not None and self.span.sampled
         started_us = time.time_ns() // 1000 if traced else 0
-        answer = await context.mixers.client(mixer.address).check(bag, quotas)
+        answer = await mixers.client(mixer.address).check(bag, quotas)
         if traced:
             self._mixer_span(mixer.address, answer.status_code, answer.cached, started_us)
         if answer.ok:
@@ -1449,22 +1450,18 @@ class Exchange:
         self.conn.context.tracer.finish(manager.tracing, child)
 
     def _mixer_report(self) -> None:
-        import istio.proxy.mixer as mixer_filter
-
         assert self.mixer_report is not None
-        address, bag = self.mixer_report
+        mixer, record, bag = self.mixer_report
         self.mixer_report = None
-        mixers = self.conn.context.mixers
-        if mixers is None:
-            return
-        mixers.client(address).report(
-            mixer_filter.report_attributes(
-                bag,
-                status=self.status,
-                request_bytes=self.bytes_received,
-                response_bytes=self.bytes_sent,
-                duration=time.monotonic() - self.started,
-            )
+        self.conn.context.mixers.report_request(
+            mixer,
+            record,
+            bag,
+            status=self.status,
+            request_bytes=self.bytes_received,
+            response_bytes=self.bytes_sent,
+            duration=time.monotonic() - self.started,
+            time_ns=time.time_ns(),
         )
 
     def _finish_span(self) -> None:

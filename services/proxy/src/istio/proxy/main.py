@@ -4,6 +4,7 @@
                 [--bind-address IP] [--source-address IP] [--admin-port 15000] [--stats-port 15090]
                 [--concurrency N] [--meta KEY=VALUE]... [--hosts-file FILE]
                 [--access-log PATH|off] [--cert-dir DIR] [--trust-domain TD] [--log-level L]
+                [--mixer-reports process|inline]
 
 The node id is `<type>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` from --node-id,
 else from INSTANCE_IP (default: the bind address), POD_NAME and POD_NAMESPACE. Node metadata
@@ -94,6 +95,13 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_TRUST_DOMAIN,
         help="mTLS: peers' SPIFFE ids must be in this trust domain",
     )
+    proxy.add_argument(
+        "--mixer-reports",
+        choices=("process", "inline"),
+        default="process",
+        help="where Mixer Reports are made and sent: a reporter process, on another core "
+        "(default), or inline on the proxy's own loop (one process less)",
+    )
     proxy.add_argument("--drain-seconds", type=float, default=5.0)
     proxy.add_argument("--request-headers-timeout", type=float, default=10.0)
     proxy.add_argument("--log-level", choices=LOG_LEVELS, default="info")
@@ -153,6 +161,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         access_log=AccessLog.open(args.access_log),
         service_name=args.service_cluster,
         node_id=node.id,
+        mixer_reports=args.mixer_reports,
     )
     tls = TlsManager(args.cert_dir, args.trust_domain)
     context.clusters.tls = tls
@@ -198,6 +207,9 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         with contextlib.suppress(ProcessLookupError):
             child.process.terminate()
     await listeners.close()
+    if context.mixers is not None:  # the Reports still batched, the reporter's too
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(context.mixers.close(), 15.0)
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner

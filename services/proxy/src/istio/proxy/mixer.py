@@ -46,6 +46,7 @@ from istio.proxy.config import MixerFilter
 
 if TYPE_CHECKING:
     from istio.proxy.context import Context
+    from istio.proxy.mixer_reports import ReporterProcess
     from istio.proxy.tls import PeerIdentity
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,17 @@ class GrpcTransport:
 
 
 class Mixers:
-    """One client (its cache and batch) per Mixer address."""
+    """The proxy's Mixer clients, one per address (a Check cache each), and where Reports go:
+    with `reports="process"` to a reporter process (istio.proxy.mixer_reports: the bags,
+    their batching and encoding on another core, off the request path), with "inline" into
+    each client's own batch, on this loop (one process less: for a small host, and tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reports: str = "inline") -> None:
+        if reports not in REPORT_MODES:
+            raise ValueError(f"reports must be one of {', '.join(REPORT_MODES)}, not {reports!r}")
         self.clients: dict[str, MixerClient] = {}
+        self.reports = reports
+        self.reporter: ReporterProcess | None = None
 
     def client(self, address: str) -> MixerClient:
         found = self.clients.get(address)
@@ -93,7 +101,78 @@ class Mixers:
             found = self.clients[address] = MixerClient(GrpcTransport(address))
         return found
 
+    def report_request(
+        self,
+        mixer: MixerFilter,
+        record: RequestRecord,
+        bag: Mapping[str, Any] | None,
+        *,
+        status: int,
+        request_bytes: int,
+        response_bytes: int,
+        duration: float,
+        time_ns: int,
+    ) -> None:
+        """Queue a finished request's Report (`time_ns`: when it ended); `bag` is its Check
+        bag when one was made."""
+        if self.reports == "process":
+            self._reporter().request(
+                mixer, record, status, request_bytes, response_bytes, duration, time_ns
+            )
+            return
+        self.client(mixer.address).report(
+            report_attributes(
+                request_attributes(mixer, record) if bag is None else bag,
+                status=status,
+                request_bytes=request_bytes,
+                response_bytes=response_bytes,
+                duration=duration,
+                time_ns=time_ns,
+            )
+        )
+
+    def report_connection(
+        self,
+        mixer: MixerFilter,
+        record: ConnectionRecord,
+        bag: Mapping[str, Any] | None,
+        *,
+        received: int,
+        sent: int,
+        duration: float,
+        time_ns: int,
+        denial_code: int,
+        denial_message: str,
+    ) -> None:
+        """Queue a closed TCP connection's Report (`bag`: its Check bag, if made)."""
+        if self.reports == "process":
+            self._reporter().connection(
+                mixer, record, received, sent, duration, time_ns, denial_code, denial_message
+            )
+            return
+        self.client(mixer.address).report(
+            connection_report_attributes(
+                connection_attributes(mixer, record) if bag is None else bag,
+                received=received,
+                sent=sent,
+                duration=duration,
+                time_ns=time_ns,
+                denial_code=denial_code,
+                denial_message=denial_message,
+            )
+        )
+
+    def _reporter(self) -> ReporterProcess:
+        if self.reporter is None:
+            from istio.proxy.mixer_reports import ReporterProcess
+
+            self.reporter = ReporterProcess()
+        return self.reporter
+
     async def close(self) -> None:
+        """Send every queued Report (the reporter process's too) and close the channels."""
+        if self.reporter is not None:
+            await self.reporter.close()
         for client in self.clients.values():
             await client.close()
             transport = client.transport
@@ -101,10 +180,13 @@ class Mixers:
                 await transport.channel.close()
 
 
+REPORT_MODES = ("process", "inline")
+
+
 def mixers(context: Context) -> Mixers:
     """The proxy's Mixer clients, made the first time a listener with Mixer needs one."""
     if context.mixers is None:
-        context.mixers = Mixers()
+        context.mixers = Mixers(context.mixer_reports)
     found: Mixers = context.mixers
     return found
 
@@ -146,19 +228,19 @@ def forwarded_attributes(value: str) -> dict[str, Any]:
     }
 
 
-def request_attributes(
-    mixer: MixerFilter,
-    *,
-    method: str,
-    path: str,
-    authority: str,
-    headers: list[tuple[bytes, bytes]],
-    request_id: str,
-    peer: str,
-    source_user: str,
-    mtls: bool,
-) -> dict[str, Any]:
+# A request as its Mixer attributes are made from it, in plain values (they cross to the
+# reporter process as they are, istio.proxy.mixer_reports): method, path, authority, the
+# request's headers, x-request-id, the peer's address, source.user (the mTLS identity, or ""),
+# whether the connection is mTLS, and the request's time (ns since the epoch).
+RequestRecord = tuple[str, str, str, list[tuple[bytes, bytes]], str, str, str, bool, int]
+# A TCP connection's: the peer (a (host, port, ...) tuple, or a Unix socket's path), source.user,
+# whether it is mTLS.
+ConnectionRecord = tuple[Any, str, bool]
+
+
+def request_attributes(mixer: MixerFilter, record: RequestRecord) -> dict[str, Any]:
     """The bag Check sees (and Report starts from)."""
+    method, path, authority, headers, request_id, peer, source_user, mtls, time_ns = record
     header_map: dict[str, str] = {}
     forwarded = ""
     for name, value in headers:
@@ -168,19 +250,17 @@ def request_attributes(
             forwarded = text
             continue
         header_map[key] = f"{header_map[key]},{text}" if key in header_map else text
-    bag: dict[str, Any] = dict(mixer.attributes)
-    bag.update(
-        {
-            "request.headers": header_map,
-            "request.path": path,
-            "request.host": authority,
-            "request.method": method,
-            "request.scheme": "http",
-            "request.time": datetime.datetime.now(datetime.UTC),
-            "context.protocol": "http",
-            "connection.mtls": mtls,
-        }
-    )
+    bag: dict[str, Any] = {
+        **mixer.attributes,
+        "request.headers": header_map,
+        "request.path": path,
+        "request.host": authority,
+        "request.method": method,
+        "request.scheme": "http",
+        "request.time": _from_timestamp(time_ns / 1e9, _UTC),
+        "context.protocol": "http",
+        "connection.mtls": mtls,
+    }
     if request_id:
         bag["request.id"] = request_id
     if "user-agent" in header_map:
@@ -194,6 +274,13 @@ def request_attributes(
     if source_user:
         bag["source.user"] = source_user
     return bag
+
+
+_from_timestamp, _UTC = datetime.datetime.fromtimestamp, datetime.UTC
+
+
+def _time(time_ns: int) -> datetime.datetime:
+    return _from_timestamp(time_ns / 1e9, _UTC)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -229,22 +316,24 @@ def report_attributes(
     request_bytes: int,
     response_bytes: int,
     duration: float,
+    time_ns: int,
 ) -> dict[str, Any]:
+    """A request's Report: its Check bag and the response's attributes (`time_ns` is when the
+    response ended)."""
     report = dict(bag)
     report["response.code"] = status
     report["response.size"] = response_bytes
     report["request.size"] = request_bytes
     report["response.duration"] = datetime.timedelta(seconds=duration)
-    report["response.time"] = datetime.datetime.now(datetime.UTC)
+    report["response.time"] = _time(time_ns)
     return report
 
 
-def connection_attributes(
-    mixer: MixerFilter, *, peer: Any, source_user: str, mtls: bool
-) -> dict[str, Any]:
+def connection_attributes(mixer: MixerFilter, record: ConnectionRecord) -> dict[str, Any]:
     """The bag a TCP connection's Check sees (and its Report starts from), as 0.2's TCP
     filter made it: the destination's attributes from Pilot, source.ip and source.port of the
     peer, connection.mtls and source.user from mTLS, context.protocol "tcp"."""
+    peer, source_user, mtls = record
     bag: dict[str, Any] = dict(mixer.attributes)
     bag["context.protocol"] = "tcp"
     bag["connection.mtls"] = mtls
@@ -258,10 +347,40 @@ def connection_attributes(
     return bag
 
 
+def connection_report_attributes(
+    bag: Mapping[str, Any],
+    *,
+    received: int,
+    sent: int,
+    duration: float,
+    time_ns: int,
+    denial_code: int,
+    denial_message: str,
+) -> dict[str, Any]:
+    """A connection's one Report: `received` bytes from the client, `sent` to it (each total
+    is also the count since the last Report, there being one), and the Check's denial."""
+    report = dict(bag)
+    report.update(
+        {
+            "connection.received.bytes": received,
+            "connection.received.bytes_total": received,
+            "connection.sent.bytes": sent,
+            "connection.sent.bytes_total": sent,
+            "connection.duration": datetime.timedelta(seconds=duration),
+            "context.time": _time(time_ns),
+        }
+    )
+    if denial_code:
+        report["check.error_code"] = denial_code
+        if denial_message:
+            report["check.error_message"] = denial_message
+    return report
+
+
 class TcpMixer:
     """Mixer for one TCP connection: Check when it opens, one Report when it closes."""
 
-    __slots__ = ("bag", "check_enabled", "client", "denial", "started")
+    __slots__ = ("bag", "denial", "mixer", "mixers", "record", "started")
 
     def __init__(
         self,
@@ -270,42 +389,37 @@ class TcpMixer:
         peer: Any,
         identity: PeerIdentity | None,
     ) -> None:
-        self.client = mixers(context).client(mixer.address)
-        self.check_enabled = mixer.check
-        self.bag = connection_attributes(
-            mixer,
-            peer=peer,
-            source_user=identity.spiffe_id if identity is not None else "",
-            mtls=identity is not None,
+        self.mixers = mixers(context)
+        self.mixer = mixer
+        self.record: ConnectionRecord = (
+            peer,
+            identity.spiffe_id if identity is not None else "",
+            identity is not None,
         )
+        self.bag = connection_attributes(mixer, self.record)
         self.started = time.monotonic()
         self.denial: CheckAnswer | None = None
 
     async def check(self) -> CheckAnswer:
         """Mixer's answer (fail-open); allowed without asking when policy checks are off."""
-        if not self.check_enabled:
+        if not self.mixer.check:
             return _ALLOWED
-        answer = await self.client.check(self.bag)
+        answer = await self.mixers.client(self.mixer.address).check(self.bag)
         if not answer.ok:
             self.denial = answer
         return answer
 
     def report(self, *, received: int, sent: int) -> None:
-        """Queue the connection's Report: `received` bytes from the client, `sent` to it.
-        One Report per connection, so each total is also the count since the last one."""
-        bag = dict(self.bag)
-        bag.update(
-            {
-                "connection.received.bytes": received,
-                "connection.received.bytes_total": received,
-                "connection.sent.bytes": sent,
-                "connection.sent.bytes_total": sent,
-                "connection.duration": datetime.timedelta(seconds=time.monotonic() - self.started),
-                "context.time": datetime.datetime.now(datetime.UTC),
-            }
+        """Queue the connection's Report: `received` bytes from the client, `sent` to it."""
+        denial = self.denial
+        self.mixers.report_connection(
+            self.mixer,
+            self.record,
+            self.bag,
+            received=received,
+            sent=sent,
+            duration=time.monotonic() - self.started,
+            time_ns=time.time_ns(),
+            denial_code=denial.status_code if denial is not None else 0,
+            denial_message=denial.message if denial is not None else "",
         )
-        if self.denial is not None:
-            bag["check.error_code"] = self.denial.status_code
-            if self.denial.message:
-                bag["check.error_message"] = self.denial.message
-        self.client.report(bag)
