@@ -247,3 +247,27 @@ async def test_a_tcp_connection_goes_on_when_mixer_cannot_be_asked() -> None:
             await context.mixers.close()
         backend.close()
         await backend.wait_closed()
+
+
+def test_requests_that_differ_only_in_id_and_time_share_the_rest_of_their_bag() -> None:
+    reviews = MixerFilter("mixer:9091", True, {"destination.service": "reviews"})
+    ratings = MixerFilter("mixer:9091", True, {"destination.service": "ratings"})
+    headers = [(b"host", b"reviews:9080"), (b"cookie", b"a=1"), (b"Cookie", b"b=2")]
+    first = mixer.request_attributes(
+        reviews, ("GET", "/r/1", "reviews:9080", headers, "id-1", "10.0.0.7", "", False, 10**18)
+    )
+    second = mixer.request_attributes(
+        reviews,
+        ("GET", "/r/1", "reviews:9080", list(headers), "id-2", "10.0.0.7", "", False, 2 * 10**18),
+    )
+    assert (first["request.id"], second["request.id"]) == ("id-1", "id-2")
+    assert first["request.time"] != second["request.time"]
+    assert first["request.headers"] is second["request.headers"]
+    assert first["request.headers"] == {"host": "reviews:9080", "cookie": "a=1,b=2"}
+    # Another filter, another path, no id: nothing shared that should not be.
+    other = mixer.request_attributes(
+        ratings, ("GET", "/r/2", "reviews:9080", headers, "", "10.0.0.7", "", False, 10**18)
+    )
+    assert (other["destination.service"], other["request.path"]) == ("ratings", "/r/2")
+    assert "request.id" not in other
+    assert second["destination.service"] == "reviews"

@@ -241,6 +241,29 @@ ConnectionRecord = tuple[Any, str, bool]
 def request_attributes(mixer: MixerFilter, record: RequestRecord) -> dict[str, Any]:
     """The bag Check sees (and Report starts from)."""
     method, path, authority, headers, request_id, peer, source_user, mtls, time_ns = record
+    # Requests on a keep-alive connection, and from one client, mostly repeat all but their id
+    # and time: the rest of the bag is made once and its values shared, which also lets a
+    # Report's delta settle them by identity.
+    key = (id(mixer), method, path, authority, tuple(headers), peer, source_user, mtls)
+    found = _BASES.get(key)
+    if found is None:
+        if len(_BASES) >= BASES_KEPT:
+            _BASES.clear()
+        # (the filter is held with its base, so its id is not another's while the key lives)
+        found = _BASES[key] = (mixer, _request_base(mixer, record))
+    bag = {**found[1], "request.time": _from_timestamp(time_ns / 1e9, _UTC)}
+    if request_id:
+        bag["request.id"] = request_id
+    return bag
+
+
+BASES_KEPT = 512
+_BASES: dict[tuple[Any, ...], tuple[MixerFilter, dict[str, Any]]] = {}
+
+
+def _request_base(mixer: MixerFilter, record: RequestRecord) -> dict[str, Any]:
+    """A request's bag but for request.id and request.time."""
+    method, path, authority, headers, _, peer, source_user, mtls, _ = record
     header_map: dict[str, str] = {}
     forwarded = ""
     for name, value in headers:
@@ -257,12 +280,9 @@ def request_attributes(mixer: MixerFilter, record: RequestRecord) -> dict[str, A
         "request.host": authority,
         "request.method": method,
         "request.scheme": "http",
-        "request.time": _from_timestamp(time_ns / 1e9, _UTC),
         "context.protocol": "http",
         "connection.mtls": mtls,
     }
-    if request_id:
-        bag["request.id"] = request_id
     if "user-agent" in header_map:
         bag["request.useragent"] = header_map["user-agent"]
     if peer:
