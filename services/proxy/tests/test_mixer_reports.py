@@ -104,7 +104,7 @@ async def test_the_reporter_process_reports_requests_and_connections(mixer: Mixe
     # Closing sends what is queued and waits for the reporter to have sent its Reports.
     await mixers.close()
     assert reporter.process.returncode == 0
-    assert (reporter.records, reporter.dropped, reporter.restarts) == (31, 0, 0)
+    assert (reporter.records, reporter.lost, reporter.restarts) == (31, 0, 0)
     service = "reviews.default.svc.cluster.local"
     assert await metric(mixer, "request_count", service, "200") == 20
     assert await metric(mixer, "request_count", service, "503") == 10
@@ -224,26 +224,63 @@ async def test_slots_are_reused_and_each_record_keeps_its_destination() -> None:
         assert bag["destination.service"] == f"s{index}.default.svc.cluster.local"
         assert bag["request.path"] == f"/reviews/{index}"
         assert bag["response.size"] == position // len(filters)
-    assert proxy_end.dropped == 0
+    assert proxy_end.lost == 0
     disconnect(proxy_end, theirs)
 
 
-async def test_a_reporter_far_behind_costs_dropped_records_not_memory(
+async def test_a_reporter_far_behind_leaves_the_reports_to_the_proxy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """When the reporter does not keep up (here: nobody reads its end), the proxy holds at
+    most BACKLOG_BYTES of written records and makes the next Reports itself: none is lost."""
     monkeypatch.setattr(mixer_reports, "BACKLOG_BYTES", 64 * 1024)
-    proxy_end = ReporterProcess()
-    theirs = channel(proxy_end)  # nobody reads it: the socket buffer fills, then the backlog
+    capture = Capture()
+    mixers = Mixers("process")
+    mixers.clients["mixer:9091"] = MixerClient(capture)
+    proxy_end = mixers.reporter = ReporterProcess(fallback=Reporter(mixers))
+    theirs = channel(proxy_end)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     mixer = destination("mixer:9091", "reviews.default.svc.cluster.local")
     sent = 0
-    while proxy_end.dropped == 0:
+    while not capture.bags:
         for index in range(100):
-            proxy_end.request(mixer, request(index), 200, 0, 0, 0.001, time.time_ns())
+            mixers.report_request(
+                mixer,
+                request(index),
+                None,
+                status=200,
+                request_bytes=0,
+                response_bytes=sent + index,
+                duration=0.001,
+                time_ns=time.time_ns(),
+            )
         sent += 100
         proxy_end.flush()
-        assert sent < 1_000_000, "nothing was ever dropped"
-    assert proxy_end.dropped == 100  # the whole frame that found the backlog full
-    assert len(proxy_end.backlog) <= 2 * mixer_reports.BACKLOG_BYTES
-    assert proxy_end.slots == {}  # defined again with the next record
+        await mixers.clients["mixer:9091"].flush()
+        assert sent < 1_000_000, "the proxy never made a Report itself"
+    assert len(proxy_end.backlog) <= mixer_reports.BACKLOG_BYTES + 2 * 100 * 200
+    taken = proxy_end.records
+    assert taken + len(capture.bags) == sent  # every record: written, or reported inline
+    assert [bag["response.size"] for bag in capture.bags] == list(range(taken, sent))
+    assert all(
+        bag["destination.service"] == "reviews.default.svc.cluster.local" for bag in capture.bags
+    )
     disconnect(proxy_end, theirs)
+
+
+async def test_records_taken_when_the_reporter_dies_are_made_inline() -> None:
+    capture = Capture()
+    mixers = Mixers("process")
+    mixers.clients["mixer:9091"] = MixerClient(capture)
+    proxy_end = mixers.reporter = ReporterProcess(fallback=Reporter(mixers))
+    theirs = channel(proxy_end)
+    mixer = destination("mixer:9091", "reviews.default.svc.cluster.local")
+    for index in range(3):
+        assert proxy_end.request(mixer, request(index), 200, 0, index, 0.001, time.time_ns())
+    proxy_end._closing = True  # (not started again: the test has no process to start)
+    proxy_end._lost("killed")  # before the frame was written
+    proxy_end.flush()
+    await mixers.clients["mixer:9091"].flush()
+    assert [bag["response.size"] for bag in capture.bags] == [0, 1, 2]
+    assert proxy_end.lost == 0
+    theirs.close()

@@ -1,12 +1,13 @@
 """Mixer Reports off the request path: the reporter process.
 
 Why a process: making a request's Report record (its attribute bag, the delta against the
-record before, the protobuf wire form) cost the proxy about a third of what the whole request
+record before, the protobuf wire form) cost the proxy about a sixth of what the whole request
 costs it (docs/benchmarks.md, "The proxy with Mixer on"), and CPython runs one process's Python
 on one core at a time. So the proxy hands each finished request to a reporter process in its
 raw form (the few plain values its bag is made of: `istio.proxy.mixer.RequestRecord`), and the
-reporter builds the bags, batches them and sends the Reports, on another core. Check stays in
-the proxy: its answer gates the request, and from the cache it costs a few microseconds.
+reporter builds the bags, batches them and sends the Reports, on CPU the request path does not
+want: it runs SCHED_IDLE. Check stays in the proxy: its answer gates the request, and from the
+cache it costs a few microseconds.
 
 The channel is a socketpair; the reporter's end is an inherited fd (no path, no port), and the
 reporter is `python -m istio.proxy.mixer_reports --fd N` with the proxy's own interpreter. The
@@ -22,12 +23,15 @@ proxy writes frames, each a 4-byte length and a `marshal` of a list of records, 
 marshal, not pickle: both ends are the same interpreter and the records are plain tuples, which
 marshal writes fastest (about 0.5 µs a record here).
 
-Reports are best effort, as 0.2's were. When the reporter is gone (it died, or cannot be
-started), records are dropped, counted and logged, and it is started again after 1 s (doubling
-to 30 s). When it falls more than 16 MB behind, new records are dropped rather than held by the
-proxy. At shutdown the proxy sends what it holds and closes its end: the reporter sends every
-Report it has batched and exits. The reporter ignores SIGINT and SIGTERM (a Ctrl-C reaches the
-whole process group): the proxy's end closing, at its exit or death, is what ends it.
+No Report waits on the reporter. When it is not there (not started yet, died, or cannot be
+started: it is started again after 1 s, doubling to 30 s) or has fallen more than 4 MB of
+records behind (the cores were all busy), the proxy makes the Reports itself, inline, as
+`--mixer-reports inline` does, until it catches up; records it had taken and could not write
+are made inline too. What a reporter that dies takes with it (its batch, up to a second of
+records) is lost, and logged, as 0.2's Reports were best effort. At shutdown the proxy sends what
+it holds and closes its end: the reporter sends every Report it has batched and exits. The
+reporter ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group): the proxy's end
+closing, at its exit or death, is what ends it.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ log = logging.getLogger(__name__)
 
 DEFINE, REQUEST, CONNECTION = 0, 1, 2
 SLOTS = 256
-# Records held for a reporter that does not keep up, before new ones are dropped.
-BACKLOG_BYTES = 16 * 1024 * 1024
+# Written records the reporter has not taken yet, beyond what the socket holds: past this the
+# proxy makes Reports itself (inline) until the reporter catches up.
+BACKLOG_BYTES = 4 * 1024 * 1024
 # A frame is written once its records reach this many, or this long after its first: a write
 # per loop turn cost the request path more than the records themselves, and the reporter works
 # through a large frame for less CPU per record than through many small ones (Reports wait up
@@ -62,18 +67,17 @@ BACKLOG_BYTES = 16 * 1024 * 1024
 FRAME_RECORDS = 2048
 FRAME_INTERVAL = 0.05
 RESTART_FIRST, RESTART_MAX = 1.0, 30.0
-# The reporter yields the CPU to the request path (the proxy, its app, its clients) when they
-# contend for it: Reports wait for their batch anyway, and the proxy holds up to BACKLOG_BYTES
-# of records while the reporter catches up.
-NICENESS = 10
 CLOSE_TIMEOUT = 10.0
 
 
 class ReporterProcess:
     """The proxy's end: records queued up to 50 ms, written to the reporter process
-    (started at the first record, and again after it is gone)."""
+    (started at the first record, and again after it is gone). A record it does not take
+    (`request` and `connection` answer False: the reporter is down, or behind) is the
+    caller's to report inline; records it took but could not write go to `fallback`."""
 
-    def __init__(self, argv: Sequence[str] | None = None) -> None:
+    def __init__(self, fallback: Reporter | None = None, argv: Sequence[str] | None = None) -> None:
+        self.fallback = fallback
         self.argv = list(argv) if argv is not None else reporter_argv()
         self.process: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
@@ -81,8 +85,8 @@ class ReporterProcess:
         self.backlog = bytearray()  # written bytes the socket did not take yet
         self.slots: dict[int, tuple[MixerFilter, int]] = {}  # id(filter): (filter, slot)
         self.free_slots = list(range(SLOTS - 1, -1, -1))
-        self.records = 0
-        self.dropped = 0
+        self.records = 0  # taken
+        self.lost = 0  # taken, then gone with a reporter that died
         self.restarts = 0
         self._restart_at = 0.0
         self._restart_delay = RESTART_FIRST
@@ -102,12 +106,15 @@ class ReporterProcess:
         response_bytes: int,
         duration: float,
         time_ns: int,
-    ) -> None:
+    ) -> bool:
+        """Take a finished request's Report; False when the caller must make it."""
+        if not self._taking():
+            return False
         slot = self._slot(mixer)
-        if slot is not None:
-            self._queue(
-                (REQUEST, slot, record, status, request_bytes, response_bytes, duration, time_ns)
-            )
+        self._queue(
+            (REQUEST, slot, record, status, request_bytes, response_bytes, duration, time_ns)
+        )
+        return True
 
     def connection(
         self,
@@ -119,20 +126,25 @@ class ReporterProcess:
         time_ns: int,
         denial_code: int,
         denial_message: str,
-    ) -> None:
+    ) -> bool:
+        """Take a closed connection's Report; False when the caller must make it."""
+        if not self._taking():
+            return False
         slot = self._slot(mixer)
-        if slot is not None:
-            self._queue(
-                (CONNECTION, slot, record, received, sent, duration, time_ns, denial_code,
-                 denial_message)
-            )  # fmt: skip
+        self._queue(
+            (CONNECTION, slot, record, received, sent, duration, time_ns, denial_code,
+             denial_message)
+        )  # fmt: skip
+        return True
 
-    def _slot(self, mixer: MixerFilter) -> int | None:
-        """The filter's slot, defined to the reporter first if it has none (None: the
-        reporter is down, the record is dropped)."""
+    def _taking(self) -> bool:
+        """Whether the reporter is there (started now if need be) and not too far behind."""
         if self.sock is None and not self._start():
-            self.dropped += 1
-            return None
+            return False
+        return len(self.backlog) <= BACKLOG_BYTES
+
+    def _slot(self, mixer: MixerFilter) -> int:
+        """The filter's slot, defined to the reporter first if it has none."""
         found = self.slots.get(id(mixer))  # (the filter is held there: its id stays its own)
         if found is not None:
             return found[1]
@@ -155,8 +167,7 @@ class ReporterProcess:
             self._timer = asyncio.get_running_loop().call_later(FRAME_INTERVAL, self.flush)
 
     def flush(self) -> None:
-        """Write the queued records as one frame (or drop them, the reporter being gone or
-        too far behind)."""
+        """Write the queued records as one frame (to `fallback` if the reporter is gone)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -164,8 +175,8 @@ class ReporterProcess:
             return
         records, self.pending = self.pending, []
         sock = self.sock
-        if sock is None or len(self.backlog) > BACKLOG_BYTES:
-            self._drop(records, "the reporter process is gone" if sock is None else "behind")
+        if sock is None:
+            self._hand_back(records)
             return
         data = marshal.dumps(records)
         frame = len(data).to_bytes(4, "big") + data
@@ -178,7 +189,7 @@ class ReporterProcess:
             written = 0
         except OSError as error:
             self._lost(f"cannot write to it: {error}")
-            self._drop(records, "the reporter process is gone")
+            self._hand_back(records)
             return
         if written < len(frame):
             self.backlog += frame[written:]
@@ -201,14 +212,13 @@ class ReporterProcess:
             if self._drained is not None:
                 self._drained.set()
 
-    def _drop(self, records: list[tuple[Any, ...]], why: str) -> None:
-        count = sum(1 for record in records if record[0] != DEFINE)
-        if self.dropped == 0 or self.dropped // 10_000 != (self.dropped + count) // 10_000:
-            log.warning("Mixer reports dropped (%s): %d so far", why, self.dropped + count)
-        self.dropped += count
-        # The reporter may not have seen the filters defined in them: define them again.
-        self.slots.clear()
-        self.free_slots = list(range(SLOTS - 1, -1, -1))
+    def _hand_back(self, records: list[tuple[Any, ...]]) -> None:
+        """Records taken but never written: reported by `fallback` (or counted lost)."""
+        if self.fallback is None:
+            self.lost += sum(1 for record in records if record[0] != DEFINE)
+            return
+        for record in records:
+            self.fallback.apply(record)
 
     # The reporter's lifetime.
 
@@ -232,7 +242,7 @@ class ReporterProcess:
         ours.setblocking(False)
         self.sock = ours
         self._gone = asyncio.Event()
-        self.slots.clear()
+        self.slots.clear()  # a new reporter knows no filter yet
         self.free_slots = list(range(SLOTS - 1, -1, -1))
         asyncio.get_running_loop().add_reader(ours, self._readable)
         log.info("Mixer reporter process %d started", self.process.pid)
@@ -261,7 +271,7 @@ class ReporterProcess:
         loop.remove_writer(sock)
         sock.close()
         if self.backlog:
-            log.warning("Mixer reporter: %d bytes of records lost", len(self.backlog))
+            log.warning("Mixer reporter gone with %d bytes of records unsent", len(self.backlog))
             self.backlog.clear()
         code = self.process.poll() if self.process is not None else None
         if self._gone is not None:
@@ -327,10 +337,11 @@ def reporter_argv() -> list[str]:
 
 class Reporter:
     """Records to Reports: each record's bag made as the proxy's inline reports make it, and
-    batched by the same MixerClient."""
+    batched by `mixers`' clients. The reporter process runs one; the proxy keeps one for the
+    records it took and could not write."""
 
-    def __init__(self) -> None:
-        self.mixers = Mixers("inline")
+    def __init__(self, mixers: Mixers | None = None) -> None:
+        self.mixers = mixers if mixers is not None else Mixers("inline")
         self.filters: dict[int, MixerFilter] = {}
         self.records = 0
 
@@ -343,7 +354,7 @@ class Reporter:
         self.records += 1
         if kind == REQUEST:
             _, _, request, status, request_bytes, response_bytes, duration, time_ns = record
-            self.mixers.report_request(
+            self.mixers.report_request_inline(
                 mixer,
                 request,
                 None,
@@ -355,7 +366,7 @@ class Reporter:
             )
         elif kind == CONNECTION:
             _, _, connection, received, sent, duration, time_ns, code, message = record
-            self.mixers.report_connection(
+            self.mixers.report_connection_inline(
                 mixer,
                 connection,
                 None,
@@ -404,7 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    os.nice(NICENESS)
+    # CPU nobody else wants: the request path (the proxy, its app, their clients) always goes
+    # first. When none is left, the backlog grows and the proxy makes Reports itself.
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     sock = socket.socket(fileno=args.fd)
     try:
         import uvloop
