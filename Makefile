@@ -95,11 +95,13 @@ clean:
 # Benchmarks, not part of `make test`: Pilot with 1,000 services and 200 ADS clients on
 # loopback (tools/bench/pilot_bench.py; BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 20"),
 # the proxy against haproxy with wrk (tools/bench/proxy_bench.py; PROXY_BENCH_ARGS), and
-# HTTP/2 and gRPC through the proxy with h2load and grpcio (tools/bench/h2_bench.py; H2_BENCH_ARGS).
+# HTTP/2 and gRPC through the proxy with h2load and grpcio (tools/bench/h2_bench.py; H2_BENCH_ARGS),
+# and Mixer: Checks/s against a grpc.aio echo, Report bags/s, and the proxy with Mixer on and off
+# (tools/bench/mixer_bench.py; MIXER_BENCH_ARGS).
 # What is measured and the figures: docs/benchmarks.md.
 # The proxy benchmarks need wrk, haproxy, iperf3 and h2load (installed here when run as root).
-.PHONY: bench bench-pilot bench-proxy bench-tcp bench-h2
-bench: bench-pilot bench-proxy bench-tcp bench-h2
+.PHONY: bench bench-pilot bench-proxy bench-tcp bench-h2 bench-mixer
+bench: bench-pilot bench-proxy bench-tcp bench-h2 bench-mixer
 
 bench-pilot: venv
 	$(PY) tools/bench/pilot_bench.py $(BENCH_ARGS)
@@ -121,3 +123,9 @@ bench-h2: venv
 		[ "$$(id -u)" = 0 ] || { echo "bench: $${tool%%:*} is missing: run as root or apt-get install $${tool#*:}" >&2; exit 1; }; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $${tool#*:} >/dev/null; }; done
 	$(PY) tools/bench/h2_bench.py $(H2_BENCH_ARGS)
+
+bench-mixer: venv
+	@for tool in h2load:nghttp2-client wrk:wrk haproxy:haproxy; do command -v $${tool%%:*} >/dev/null || { \
+		[ "$$(id -u)" = 0 ] || { echo "bench: $${tool%%:*} is missing: run as root or apt-get install $${tool#*:}" >&2; exit 1; }; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $${tool#*:} >/dev/null; }; done
+	$(PY) tools/bench/mixer_bench.py $(MIXER_BENCH_ARGS)
