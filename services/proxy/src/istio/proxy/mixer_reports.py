@@ -417,7 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, signal.SIG_IGN)
     # CPU nobody else wants: the request path (the proxy, its app, their clients) always goes
     # first. When none is left, the backlog grows and the proxy makes Reports itself.
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as error:  # not Linux, or a sandbox that refuses it
+        log.warning("Mixer reporter keeps its CPU priority (SCHED_IDLE: %s)", error)
+        os.nice(10)
     sock = socket.socket(fileno=args.fd)
     try:
         import uvloop
