@@ -169,6 +169,14 @@ async def test_inbound_requests_are_checked_and_reported(mixer: str) -> None:
         assert (client.stats.reports_sent, client.stats.report_records) == (1, 2)
         assert client.stats.report_failures == 0
         assert client.stats.transport_failures == 0
+        # The client's counters are the proxy's stats, in both forms.
+        text = context.stats.text()
+        assert f"mixer.{mixer}.check_total: 2\n" in text
+        assert f"mixer.{mixer}.report_records: 2\n" in text
+        assert (
+            f'envoy_mixer_check_calls{{envoy_mixer_prefix="{mixer}"}} '
+            in context.stats.prometheus()
+        )
     finally:
         await listeners.close()
         if context.mixers is not None:

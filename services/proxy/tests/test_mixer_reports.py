@@ -6,6 +6,7 @@ costs dropped records, counted, never the proxy's memory."""
 
 from __future__ import annotations
 
+import asyncio
 import marshal
 import re
 import shutil
@@ -26,6 +27,7 @@ from istio.proxy import mixer_reports
 from istio.proxy.config import MixerFilter
 from istio.proxy.mixer import Mixers, RequestRecord
 from istio.proxy.mixer_reports import Reporter, ReporterProcess
+from istio.proxy.stats import Stats
 from istio.testing.mixer import MixerServer, serve
 
 INSTALL = Path(__file__).resolve().parents[3] / "install" / "mixer"
@@ -101,10 +103,26 @@ async def test_the_reporter_process_reports_requests_and_connections(mixer: Mixe
     reporter = mixers.reporter
     assert reporter is not None
     assert reporter.process is not None
+    # The reporter tells the proxy what it sent (within a second or so of sending it).
+    async with asyncio.timeout(20):
+        while reporter.counters.get("report_records", 0) < 31:
+            reporter.told.clear()
+            await reporter.told.wait()
+    assert reporter.counters == {"report_total": 2, "report_records": 31, "report_failures": 0}
     # Closing sends what is queued and waits for the reporter to have sent its Reports.
     await mixers.close()
     assert reporter.process.returncode == 0
     assert (reporter.records, reporter.lost, reporter.restarts) == (31, 0, 0)
+    collected = Stats()
+    mixers.collect(collected)
+    assert collected.protocols["mixer"]["reporter"].counters == {
+        "records": 31,
+        "records_lost": 0,
+        "restarts": 0,
+        "report_total": 2,
+        "report_records": 31,
+        "report_failures": 0,
+    }
     service = "reviews.default.svc.cluster.local"
     assert await metric(mixer, "request_count", service, "200") == 20
     assert await metric(mixer, "request_count", service, "503") == 10

@@ -47,6 +47,7 @@ from istio.proxy.config import MixerFilter
 if TYPE_CHECKING:
     from istio.proxy.context import Context
     from istio.proxy.mixer_reports import ReporterProcess
+    from istio.proxy.stats import Stats
     from istio.proxy.tls import PeerIdentity
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,37 @@ class Mixers:
             )
         )
 
+    def collect(self, stats: Stats) -> None:
+        """The counters of each client (`mixer.<address>.*`: its Checks, cache hits, calls to
+        Mixer, failures, and the Reports this process sent) and of the reporter process
+        (`mixer.reporter.*`: records it took, lost when it died, its restarts, and the
+        Reports it sent)."""
+        for address, client in self.clients.items():
+            counted = client.stats
+            stats.protocol_stats("mixer", address).counters.update(
+                {
+                    "check_total": counted.checks,
+                    "check_cache_hits": counted.check_cache_hits,
+                    "check_calls": counted.check_calls,
+                    "check_refreshes": counted.check_refreshes,
+                    "quota_pool_hits": counted.quota_pool_hits,
+                    "transport_failures": counted.transport_failures,
+                    "report_total": counted.reports_sent,
+                    "report_records": counted.report_records,
+                    "report_failures": counted.report_failures,
+                }
+            )
+        reporter = self.reporter
+        if reporter is not None:
+            stats.protocol_stats("mixer", "reporter").counters.update(
+                {
+                    "records": reporter.records,
+                    "records_lost": reporter.lost,
+                    "restarts": reporter.restarts,
+                    **reporter.totals(),  # what it sent: report_total, _records, _failures
+                }
+            )
+
     def _reporter(self) -> ReporterProcess:
         if self.reporter is None:
             from istio.proxy.mixer_reports import Reporter, ReporterProcess
@@ -233,6 +265,7 @@ def mixers(context: Context) -> Mixers:
     """The proxy's Mixer clients, made the first time a listener with Mixer needs one."""
     if context.mixers is None:
         context.mixers = Mixers(context.mixer_reports)
+        context.stats.collectors.append(context.mixers.collect)
     found: Mixers = context.mixers
     return found
 

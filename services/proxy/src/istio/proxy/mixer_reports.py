@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import marshal
 import os
@@ -68,6 +69,7 @@ FRAME_RECORDS = 2048
 FRAME_INTERVAL = 0.05
 RESTART_FIRST, RESTART_MAX = 1.0, 30.0
 CLOSE_TIMEOUT = 10.0
+COUNTERS_INTERVAL = 1.0
 
 
 class ReporterProcess:
@@ -94,6 +96,12 @@ class ReporterProcess:
         self._closing = False
         self._gone: asyncio.Event | None = None  # set when the reporter closed its end
         self._drained: asyncio.Event | None = None  # set when the backlog is written (close)
+        # The reporter's own counters (its Reports sent and failed), as it last said them, and
+        # what reporters before it said.
+        self.counters: dict[str, int] = {}
+        self._earlier: dict[str, int] = {}
+        self._said = b""
+        self.told = asyncio.Event()  # set when the reporter said its counters
 
     # The request path.
 
@@ -249,18 +257,32 @@ class ReporterProcess:
         return True
 
     def _readable(self) -> None:
-        """The reporter writes nothing: readable means it closed its end (it exited)."""
+        """The reporter's counters (a JSON line whenever they change), or its end closed."""
         sock = self.sock
         if sock is None:
             return
         try:
-            data = sock.recv(4096)
+            data = sock.recv(65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
             self._lost("it exited")
+            return
+        self._said += data
+        *lines, self._said = self._said.split(b"\n")
+        if lines:
+            with contextlib.suppress(ValueError):
+                self.counters = {k: int(v) for k, v in json.loads(lines[-1]).items()}
+                self.told.set()
+
+    def totals(self) -> dict[str, int]:
+        """The reporter's counters since the first one started (restarts do not reset them)."""
+        return {
+            name: self._earlier.get(name, 0) + self.counters.get(name, 0)
+            for name in {*self._earlier, *self.counters}
+        }
 
     def _lost(self, why: str) -> None:
         sock, self.sock = self.sock, None
@@ -270,6 +292,9 @@ class ReporterProcess:
         loop.remove_reader(sock)
         loop.remove_writer(sock)
         sock.close()
+        self._earlier = self.totals()  # what the gone reporter said counts on
+        self.counters = {}
+        self._said = b""
         if self.backlog:
             log.warning("Mixer reporter gone with %d bytes of records unsent", len(self.backlog))
             self.backlog.clear()
@@ -380,9 +405,30 @@ class Reporter:
         else:
             raise ValueError(f"unknown record kind {kind}")
 
+    def counters(self) -> dict[str, int]:
+        """This reporter's Reports, summed over its Mixer clients."""
+        totals = {"report_total": 0, "report_records": 0, "report_failures": 0}
+        for client in self.mixers.clients.values():
+            totals["report_total"] += client.stats.reports_sent
+            totals["report_records"] += client.stats.report_records
+            totals["report_failures"] += client.stats.report_failures
+        return totals
+
+    async def _tell(self, writer: asyncio.StreamWriter) -> None:
+        """Tell the proxy this reporter's counters once a second when they changed (it shows
+        them in its stats)."""
+        said: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(COUNTERS_INTERVAL)  # a period, not a wait for an event
+            counters = self.counters()
+            if counters != said:
+                writer.write(json.dumps(counters).encode() + b"\n")
+                said = counters
+
     async def serve(self, sock: socket.socket) -> None:
         """Read frames until the proxy closes its end; then send every batched Report."""
         reader, writer = await asyncio.open_unix_connection(sock=sock)
+        telling = asyncio.get_running_loop().create_task(self._tell(writer))
         try:
             while True:
                 try:
@@ -396,6 +442,7 @@ class Reporter:
                     except Exception:  # one bad record: that one only
                         log.exception("Mixer reporter: a record not reported")
         finally:
+            telling.cancel()
             await self.mixers.close()
             writer.close()
             with contextlib.suppress(OSError):

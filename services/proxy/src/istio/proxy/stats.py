@@ -239,6 +239,13 @@ class Stats:
         self.tcp: dict[str, TcpStats] = {}
         # Protocol sniffers by kind ("mongo", "redis") and stat prefix.
         self.protocols: dict[str, dict[str, ProtocolStats]] = {}
+        # Called whenever the stats are read (text, prometheus, export): each copies counters
+        # kept elsewhere (the Mixer clients') in, so that the request path does not count twice.
+        self.collectors: list[Callable[[Stats], None]] = []
+
+    def _collect(self) -> None:
+        for collect in self.collectors:
+            collect(self)
 
     def http_stats(self, prefix: str) -> HttpStats:
         stats = self.http.get(prefix)
@@ -270,6 +277,7 @@ class Stats:
 
     def text(self) -> str:
         """Envoy's /stats format: `name: value` lines, sorted."""
+        self._collect()
         lines = []
         for prefix, http in self.http.items():
             base = f"http.{prefix}"
@@ -303,6 +311,7 @@ class Stats:
         return "\n".join(sorted(lines)) + "\n"
 
     def prometheus(self) -> str:
+        self._collect()
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -425,6 +434,7 @@ class Stats:
 
     def export(self) -> dict[str, Any]:
         """Every stat as plain JSON-able data, for `absorb` in another process."""
+        self._collect()
         return {
             "http": {k: _fields(v) for k, v in self.http.items()},
             "clusters": {k: _fields(v) for k, v in self.clusters.items()},
