@@ -64,6 +64,22 @@ def request(index: int) -> RequestRecord:
     )
 
 
+def report(
+    mixers: Mixers, mixer: MixerFilter, index: int, status: int = 200, response_bytes: int = 1
+) -> None:
+    """A request's Report, as the proxy queues one when the response has ended."""
+    mixers.report_request(
+        mixer,
+        request(index),
+        None,
+        status=status,
+        request_bytes=0,
+        response_bytes=response_bytes,
+        duration=0.001,
+        time_ns=time.time_ns(),
+    )
+
+
 async def metric(server: MixerServer, name: str, service: str, code: str = "") -> float:
     async with aiohttp.ClientSession() as session, session.get(server.metrics_url) as answer:
         text = await answer.text()
@@ -79,16 +95,7 @@ async def test_the_reporter_process_reports_requests_and_connections(mixer: Mixe
     reviews = destination(mixer.address, "reviews.default.svc.cluster.local")
     mongo = destination(mixer.address, "mongo.default.svc.cluster.local")
     for index in range(30):
-        mixers.report_request(
-            reviews,
-            request(index),
-            None,
-            status=200 if index % 3 else 503,
-            request_bytes=0,
-            response_bytes=7,
-            duration=0.002,
-            time_ns=time.time_ns(),
-        )
+        report(mixers, reviews, index, status=200 if index % 3 else 503, response_bytes=7)
     mixers.report_connection(
         mongo,
         (("10.0.0.7", 41000), "", False),
@@ -139,16 +146,7 @@ async def test_a_reporter_that_dies_is_started_again(
     mixers = Mixers("process")
     before = destination(mixer.address, "before.default.svc.cluster.local")
     after = destination(mixer.address, "after.default.svc.cluster.local")
-    mixers.report_request(
-        before,
-        request(0),
-        None,
-        status=200,
-        request_bytes=0,
-        response_bytes=1,
-        duration=0.001,
-        time_ns=time.time_ns(),
-    )
+    report(mixers, before, 0)
     reporter = mixers.reporter
     assert reporter is not None
     assert reporter.process is not None
@@ -159,16 +157,7 @@ async def test_a_reporter_that_dies_is_started_again(
     assert reporter.sock is None
     assert first.wait() == -signal.SIGKILL
     for index in range(5):
-        mixers.report_request(
-            after,
-            request(index),
-            None,
-            status=200,
-            request_bytes=0,
-            response_bytes=1,
-            duration=0.001,
-            time_ns=time.time_ns(),
-        )
+        report(mixers, after, index)
     assert reporter.process is not first
     assert reporter.restarts == 1
     await mixers.close()
@@ -262,16 +251,7 @@ async def test_a_reporter_far_behind_leaves_the_reports_to_the_proxy(
     sent = 0
     while not capture.bags:
         for index in range(100):
-            mixers.report_request(
-                mixer,
-                request(index),
-                None,
-                status=200,
-                request_bytes=0,
-                response_bytes=sent + index,
-                duration=0.001,
-                time_ns=time.time_ns(),
-            )
+            report(mixers, mixer, index, response_bytes=sent + index)
         sent += 100
         proxy_end.flush()
         await mixers.clients["mixer:9091"].flush()

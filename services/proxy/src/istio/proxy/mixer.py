@@ -113,36 +113,19 @@ class Mixers:
         response_bytes: int,
         duration: float,
         time_ns: int,
+        inline: bool = False,
     ) -> None:
         """Queue a finished request's Report (`time_ns`: when it ended); `bag` is its Check
-        bag when one was made. To the reporter process when there is one that keeps up."""
-        if self.reports == "process" and self._reporter().request(
-            mixer, record, status, request_bytes, response_bytes, duration, time_ns
+        bag when one was made. To the reporter process when there is one that keeps up,
+        unless `inline`."""
+        if (
+            not inline
+            and self.reports == "process"
+            and self._reporter().request(
+                mixer, record, status, request_bytes, response_bytes, duration, time_ns
+            )
         ):
             return
-        self.report_request_inline(
-            mixer,
-            record,
-            bag,
-            status=status,
-            request_bytes=request_bytes,
-            response_bytes=response_bytes,
-            duration=duration,
-            time_ns=time_ns,
-        )
-
-    def report_request_inline(
-        self,
-        mixer: MixerFilter,
-        record: RequestRecord,
-        bag: Mapping[str, Any] | None,
-        *,
-        status: int,
-        request_bytes: int,
-        response_bytes: int,
-        duration: float,
-        time_ns: int,
-    ) -> None:
         self.client(mixer.address).report(
             report_attributes(
                 request_attributes(mixer, record) if bag is None else bag,
@@ -166,37 +149,17 @@ class Mixers:
         time_ns: int,
         denial_code: int,
         denial_message: str,
+        inline: bool = False,
     ) -> None:
         """Queue a closed TCP connection's Report (`bag`: its Check bag, if made)."""
-        if self.reports == "process" and self._reporter().connection(
-            mixer, record, received, sent, duration, time_ns, denial_code, denial_message
+        if (
+            not inline
+            and self.reports == "process"
+            and self._reporter().connection(
+                mixer, record, received, sent, duration, time_ns, denial_code, denial_message
+            )
         ):
             return
-        self.report_connection_inline(
-            mixer,
-            record,
-            bag,
-            received=received,
-            sent=sent,
-            duration=duration,
-            time_ns=time_ns,
-            denial_code=denial_code,
-            denial_message=denial_message,
-        )
-
-    def report_connection_inline(
-        self,
-        mixer: MixerFilter,
-        record: ConnectionRecord,
-        bag: Mapping[str, Any] | None,
-        *,
-        received: int,
-        sent: int,
-        duration: float,
-        time_ns: int,
-        denial_code: int,
-        denial_message: str,
-    ) -> None:
         self.client(mixer.address).report(
             connection_report_attributes(
                 connection_attributes(mixer, record) if bag is None else bag,

@@ -379,7 +379,7 @@ class Reporter:
         self.records += 1
         if kind == REQUEST:
             _, _, request, status, request_bytes, response_bytes, duration, time_ns = record
-            self.mixers.report_request_inline(
+            self.mixers.report_request(
                 mixer,
                 request,
                 None,
@@ -388,10 +388,11 @@ class Reporter:
                 response_bytes=response_bytes,
                 duration=duration,
                 time_ns=time_ns,
+                inline=True,
             )
         elif kind == CONNECTION:
             _, _, connection, received, sent, duration, time_ns, code, message = record
-            self.mixers.report_connection_inline(
+            self.mixers.report_connection(
                 mixer,
                 connection,
                 None,
@@ -401,6 +402,7 @@ class Reporter:
                 time_ns=time_ns,
                 denial_code=code,
                 denial_message=message,
+                inline=True,
             )
         else:
             raise ValueError(f"unknown record kind {kind}")
