@@ -5,6 +5,7 @@ loopback.
     .venv/bin/python tools/bench/mixer_bench.py [--sections server,proxy] [--duration 5
         --concurrency 64 --report-batches 20 --rounds 3 --connections 50
         --markdown build/bench/mixer_bench.md] [--profile-proxy FILE]
+        [--mixer-reports process|inline] [--idle-burners]
 
 Runs, each server in its own process (`mixs server` over a file config store) and the load
 from another process (this file with --load), so that server and client do not share a loop:
@@ -41,6 +42,12 @@ APP_HOST/APP_PORTS to a haproxy answering 200 itself), each sidecar fed by its o
             (batched);
   stub      mixerAddress: the echo server above, answering Check and Report without work:
             the proxy's own cost of Mixer, with next to no Mixer CPU on the shared cores.
+
+`--mixer-reports` is the Mixer-on sidecars' (default: process, pilot-agent's own default).
+With `--idle-burners`, one busy loop per core at SCHED_IDLE takes whatever CPU nothing else
+wants, in every run: the Mixer-off runs then do not get the idle core that the reporter process
+takes in the Mixer-on runs (on this host a busy second core slows the sidecar's: Mixer-off went
+from 48 to 62 µs of CPU per request with the loops running).
 
 `--rounds` interleaved rounds; each ratio is taken within a round, then their median. The
 report also gives each proxy's CPU and CPU time per request, Mixer's CPU, and what `mixs`
@@ -543,6 +550,7 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
         check_free(ip, 15000)
     results: dict[str, Any] = {"background": background_busy()}
     telemetry = (ROOT / "install" / "mixer" / "telemetry.yaml").read_text()
+    burners = idle_burners() if options.idle_burners else []
     with (
         Server(telemetry + "\n---\n" + PROXY_POLICY) as mixs,
         Server(None) as stub,
@@ -676,6 +684,9 @@ def proxy_section(options: argparse.Namespace) -> dict[str, Any]:
             prometheus = scrape(mixs.prometheus_port)
         finally:
             procs.stop_all()
+            for burner in burners:
+                burner.kill()
+                burner.wait()
     results.update(
         {
             "runs": runs,
@@ -705,6 +716,20 @@ def cpu_per_request(runs: list[Any], process: str = "proxy") -> list[float]:
     return [r.cpu.get(process, 0.0) / r.rps * 1e6 for r in runs]
 
 
+BURN = """
+import os
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+while True:
+    pass
+"""
+
+
+def idle_burners() -> list[subprocess.Popen[bytes]]:
+    """One busy loop per core at SCHED_IDLE: they run only on CPU nothing else wants, so every
+    run meets a machine with no idle CPU left (they are killed with the sidecars)."""
+    return [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(os.cpu_count() or 1)]
+
+
 def watched(pid: int) -> dict[str, int]:
     """What a run's CPU is read of: the sidecar, and its Mixer reporter process if any."""
     found = {"proxy": pid}
@@ -731,9 +756,10 @@ def reporter_cell(runs: list[Any]) -> str:
 
 def proxy_markdown(results: dict[str, Any], options: argparse.Namespace) -> str:
     runs, ratios = results["runs"], results["ratios"]
+    burning = "idle CPU taken by SCHED_IDLE busy loops, " if options.idle_burners else ""
     lines = [
         f"Inbound listener, wrk keep-alive GETs, {options.connections} connections, Mixer "
-        f"Reports made `--mixer-reports {options.mixer_reports}`, "
+        f"Reports made `--mixer-reports {options.mixer_reports}`, {burning}"
         f"{options.duration:g} s per run after a 2 s warm-up, {options.rounds} interleaved "
         f"rounds (medians; each ratio is the round's, then their median); other work on the "
         f"machine before the run: {results['background']:.2f} cores busy.",
@@ -886,6 +912,12 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="proxy: interleaved rounds")
     parser.add_argument("--connections", type=int, default=50, help="proxy: wrk connections")
+    parser.add_argument(
+        "--idle-burners",
+        action="store_true",
+        help="proxy: keep every core's idle time taken by SCHED_IDLE busy loops, so that the "
+        "Mixer-off runs do not get the idle CPU the reporter process takes in the Mixer-on runs",
+    )
     parser.add_argument(
         "--mixer-reports",
         choices=("process", "inline"),
