@@ -93,6 +93,18 @@ async def test_answers_are_reused_for_the_same_referenced_values() -> None:
     assert (await client.check({"request.path": "/x"})).cached is False
 
 
+async def test_the_cache_answers_without_a_coroutine_when_it_can() -> None:
+    transport = Canned()
+    client = MixerClient(transport, clock=lambda: 0.0)
+    assert client.check_cached({"request.path": "/x"}) is None  # nothing cached: ask
+    await client.check({"request.path": "/x"})
+    answer = client.check_cached({"request.path": "/x", "request.id": "2"})
+    assert answer is not None
+    assert (answer.status_code, answer.cached, transport.calls) == (7, True, 1)
+    assert client.check_cached({"request.path": "/y"}) is None
+    assert (client.stats.checks, client.stats.check_cache_hits) == (2, 1)
+
+
 class Recording:
     """Keeps every Report's records; Check is not expected."""
 

@@ -291,6 +291,16 @@ class MixerClient:
             return cached
         return await self._call_check(attributes, missing, deduplication_id, now)
 
+    def check_cached(self, attributes: Mapping[str, Value]) -> CheckAnswer | None:
+        """`check` for a request that charges no quota, when the cache has the answer (None:
+        ask `check`). No coroutine: this is the Check of nearly every request."""
+        cached = self._cached_check(attributes, self.clock())
+        if cached is not None:
+            stats = self.stats
+            stats.checks += 1
+            stats.check_cache_hits += 1
+        return cached
+
     def _cached_check(self, attributes: Mapping[str, Value], now: float) -> CheckAnswer | None:
         found = self.check_cache.find(attributes)
         if found is None:

@@ -28,6 +28,7 @@ import logging
 import random
 import socket
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -58,7 +59,9 @@ from istio.proxy.upstream import (
 from istio.proxy.writes import CorkedWrites
 
 if TYPE_CHECKING:
+    from istio.mixerclient.client import CheckAnswer
     from istio.proxy.context import Context
+    from istio.proxy.mixer import RequestRecord
     from istio.proxy.stats import HttpStats
     from istio.proxy.tls import PeerIdentity
     from istio.proxy.upstream_h2 import UpstreamStream
@@ -778,8 +781,12 @@ class Exchange:
         mixer = None
         if conn.listener is not None:
             mixer = (context.snapshot.listeners.get(conn.listener.name) or conn.listener).mixer
-        if mixer is not None and not await self._mixer_check(mixer):
-            return
+        if mixer is not None:
+            allowed = self._mixer_check(mixer)
+            if allowed is None:
+                allowed = await self._mixer_ask(mixer)
+            if not allowed:
+                return
         table = manager.routes
         if table is None and manager.rds is not None:
             table = context.snapshot.routes.get(manager.rds)
@@ -1391,15 +1398,14 @@ class Exchange:
             self.cluster.active_requests -= 1
             self.cluster.stats.rq_active -= 1
 
-    async def _mixer_check(self, mixer: MixerFilter) -> bool:
-        """Mixer's Check for this inbound request; False when it was denied (and answered)."""
-        # Only where a listener has Mixer. (`import a.b as c` finds the loaded module in C;
-        # `from a import b` calls importlib's Python code on every request.)
-        import istio.proxy.mixer as mixer_filter
-
+    def _mixer_check(self, mixer: MixerFilter) -> bool | None:
+        """Mixer's Check for this inbound request, from the client's cache: True (go on),
+        False (denied, and answered), None (Mixer must be asked: `_mixer_ask`). No coroutine
+        on this path: it is the Check of nearly every request."""
+        mixer_filter = _mixer_module()
         conn = self.conn
         identity = conn.peer_identity
-        record: mixer_filter.RequestRecord = (
+        record: RequestRecord = (
             self.method.decode("latin-1"),
             self.path,
             self.authority,
@@ -1410,22 +1416,37 @@ class Exchange:
             identity is not None,
             time.time_ns(),
         )
-        mixers = mixer_filter.mixers(conn.context)
         if not mixer.check:
             self.mixer_report = (mixer, record, None)
             return True
         bag = mixer_filter.request_attributes(mixer, record)
         self.mixer_report = (mixer, record, bag)
+        if mixer.quotas or (self.span is not None and self.span.sampled):
+            return None  # quotas to charge, or a span to show the call: asked in `_mixer_ask`
+        answer = mixer_filter.mixers(conn.context).client(mixer.address).check_cached(bag)
+        return None if answer is None else self._mixer_answered(answer)
+
+    async def _mixer_ask(self, mixer: MixerFilter) -> bool:
+        """Mixer's Check when the cache cannot answer alone (or a span shows it)."""
+        mixer_filter = _mixer_module()
+        assert self.mixer_report is not None
+        bag = self.mixer_report[2]
+        assert bag is not None
         quotas = mixer_filter.charged_quotas(mixer, bag) if mixer.quotas else None
         traced = self.span is not None and self.span.sampled
         started_us = time.time_ns() // 1000 if traced else 0
-        answer = await mixers.client(mixer.address).check(bag, quotas)
+        client = mixer_filter.mixers(self.conn.context).client(mixer.address)
+        answer = await client.check(bag, quotas)
         if traced:
             self._mixer_span(mixer.address, answer.status_code, answer.cached, started_us)
+        return self._mixer_answered(answer)
+
+    def _mixer_answered(self, answer: CheckAnswer) -> bool:
+        """Whether Mixer's answer lets the request go on; a denial is answered here."""
         if answer.ok:
             return True
         self.local_reply(
-            mixer_filter.denial_status(answer),
+            _mixer_module().denial_status(answer),
             f"{answer.message or 'denied by Mixer'}\n",
             flags="UAEX",
         )
@@ -1664,6 +1685,15 @@ class Exchange:
             cluster = self.conn.context.clusters.clusters.get(name)
             if cluster is not None and not cluster.config.http2:
                 _spawn(Mirror(cluster).send(head + body, self.head_request))
+
+
+def _mixer_module() -> Any:
+    """istio.proxy.mixer, imported by the first request on a listener with Mixer (a mesh without
+    Mixer never loads it); after that a dict lookup per request, not an import statement."""
+    module = sys.modules.get("istio.proxy.mixer")
+    if module is None:
+        import istio.proxy.mixer as module
+    return module
 
 
 def _retriable(
