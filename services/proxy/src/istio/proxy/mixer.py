@@ -293,7 +293,8 @@ def request_attributes(mixer: MixerFilter, record: RequestRecord) -> dict[str, A
             _BASES.clear()
         # (the filter is held with its base, so its id is not another's while the key lives)
         found = _BASES[key] = (mixer, _request_base(mixer, record))
-    bag = {**found[1], "request.time": _from_timestamp(time_ns / 1e9, _UTC)}
+    bag = found[1].copy()  # (faster than a {**base, ...} display)
+    bag["request.time"] = _from_timestamp(time_ns / 1e9, _UTC)
     if request_id:
         bag["request.id"] = request_id
     return bag
@@ -382,7 +383,7 @@ def report_attributes(
 ) -> dict[str, Any]:
     """A request's Report: its Check bag and the response's attributes (`time_ns` is when the
     response ended)."""
-    report = dict(bag)
+    report = bag.copy() if type(bag) is dict else dict(bag)
     report["response.code"] = status
     report["response.size"] = response_bytes
     report["request.size"] = request_bytes
