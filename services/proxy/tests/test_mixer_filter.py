@@ -184,6 +184,66 @@ async def test_inbound_requests_are_checked_and_reported(mixer: str) -> None:
         await runner.cleanup()
 
 
+async def test_with_policy_checks_off_requests_are_reported_not_checked(mixer: str) -> None:
+    """0.2's disablePolicyChecks: the request Mixer would deny goes on, and is reported."""
+
+    async def app(request: web.Request) -> web.Response:
+        return web.Response(text="reviews")
+
+    application = web.Application()
+    application.router.add_get("/{tail:.*}", app)
+    runner = web.AppRunner(application, access_log=None)
+    await runner.setup()
+    app_port = free_port(APP_IP)
+    await web.TCPSite(runner, APP_IP, app_port).start()
+    route = Route(
+        "all", RouteMatch(PathKind.PREFIX, "/"), RouteAction(clusters=(("app", 1),), total_weight=1)
+    )
+    table = RouteTable.build("t", (VirtualHost("in", ("*",), (route,)),))
+    unchecked = MixerFilter(
+        address=mixer,
+        check=False,
+        attributes={"destination.service": "reviews.default.svc.cluster.local"},
+    )
+    port = free_port(PROXY_IP)
+    snapshot = Snapshot(
+        listeners={
+            "reviews": Listener(
+                "reviews",
+                PROXY_IP,
+                port,
+                True,
+                False,
+                HttpManager("inbound_reviews", routes=table),
+                inbound=True,
+                mixer=unchecked,
+            ),
+        },
+        clusters={
+            "app": Cluster("app", ClusterType.STATIC, endpoints=(Endpoint(APP_IP, app_port),))
+        },
+    )
+    context = Context()
+    listeners = ListenerManager(context, PROXY_IP)
+    context.apply(snapshot)
+    await listeners.apply(snapshot)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{PROXY_IP}:{port}/reviews/1") as answer,
+        ):
+            assert answer.status == 200  # no x-user: the deny rule would have said 403
+        (client,) = context.mixers.clients.values()
+        await client.flush()
+        assert (client.stats.check_calls, client.stats.report_records) == (0, 1)
+        assert client.stats.report_failures == 0
+    finally:
+        await listeners.close()
+        if context.mixers is not None:
+            await context.mixers.close()
+        await runner.cleanup()
+
+
 async def test_quotas_a_spec_charges_are_answered_429_when_not_granted(mixer: str) -> None:
     hits: list[str] = []
 

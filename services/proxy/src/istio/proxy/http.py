@@ -1416,6 +1416,7 @@ class Exchange:
             identity is not None,
             time.time_ns(),
         )
+        mixers = mixer_filter.mixers(conn.context)  # (made here at first: Report needs it too)
         if not mixer.check:
             self.mixer_report = (mixer, record, None)
             return True
@@ -1423,7 +1424,7 @@ class Exchange:
         self.mixer_report = (mixer, record, bag)
         if mixer.quotas or (self.span is not None and self.span.sampled):
             return None  # quotas to charge, or a span to show the call: asked in `_mixer_ask`
-        answer = mixer_filter.mixers(conn.context).client(mixer.address).check_cached(bag)
+        answer = mixers.client(mixer.address).check_cached(bag)
         return None if answer is None else self._mixer_answered(answer)
 
     async def _mixer_ask(self, mixer: MixerFilter) -> bool:
