@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -103,6 +103,58 @@ async def mixer(tmp_path: Path) -> AsyncIterator[str]:
         yield running.address
 
 
+ALL_TO_APP = RouteTable.build(
+    "t",
+    (
+        VirtualHost(
+            "in",
+            ("*",),
+            (
+                Route(
+                    "all",
+                    RouteMatch(PathKind.PREFIX, "/"),
+                    RouteAction(clusters=(("app", 1),), total_weight=1),
+                ),
+            ),
+        ),
+    ),
+)
+
+
+async def start_app(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> tuple[web.AppRunner, int]:
+    """The app behind the sidecar: `handler` for every GET, on APP_IP (runner, port)."""
+    application = web.Application()
+    application.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(application, access_log=None)
+    await runner.setup()
+    port = free_port(APP_IP)
+    await web.TCPSite(runner, APP_IP, port).start()
+    return runner, port
+
+
+def inbound(name: str, port: int, app_port: int, mixer: MixerFilter) -> Snapshot:
+    """One inbound HTTP listener with `mixer`, routing everything to the app."""
+    return Snapshot(
+        listeners={
+            name: Listener(
+                name,
+                PROXY_IP,
+                port,
+                True,
+                False,
+                HttpManager(f"inbound_{name}", routes=ALL_TO_APP),
+                inbound=True,
+                mixer=mixer,
+            )
+        },
+        clusters={
+            "app": Cluster("app", ClusterType.STATIC, endpoints=(Endpoint(APP_IP, app_port),))
+        },
+    )
+
+
 async def test_inbound_requests_are_checked_and_reported(mixer: str) -> None:
     hits: list[str] = []
 
@@ -110,16 +162,7 @@ async def test_inbound_requests_are_checked_and_reported(mixer: str) -> None:
         hits.append(request.headers.get("x-user", ""))
         return web.Response(text="reviews")
 
-    application = web.Application()
-    application.router.add_get("/{tail:.*}", app)
-    runner = web.AppRunner(application, access_log=None)
-    await runner.setup()
-    app_port = free_port(APP_IP)
-    await web.TCPSite(runner, APP_IP, app_port).start()
-    route = Route(
-        "all", RouteMatch(PathKind.PREFIX, "/"), RouteAction(clusters=(("app", 1),), total_weight=1)
-    )
-    table = RouteTable.build("t", (VirtualHost("in", ("*",), (route,)),))
+    runner, app_port = await start_app(app)
     checked = MixerFilter(
         address=mixer,
         check=True,
@@ -134,12 +177,12 @@ async def test_inbound_requests_are_checked_and_reported(mixer: str) -> None:
                 reviews_port,
                 True,
                 False,
-                HttpManager("inbound_reviews", routes=table),
+                HttpManager("inbound_reviews", routes=ALL_TO_APP),
                 inbound=True,
                 mixer=checked,
             ),
             "plain": Listener(
-                "plain", PROXY_IP, other_port, True, False, HttpManager("plain", routes=table)
+                "plain", PROXY_IP, other_port, True, False, HttpManager("plain", routes=ALL_TO_APP)
             ),
         },
         clusters={
@@ -190,39 +233,14 @@ async def test_with_policy_checks_off_requests_are_reported_not_checked(mixer: s
     async def app(request: web.Request) -> web.Response:
         return web.Response(text="reviews")
 
-    application = web.Application()
-    application.router.add_get("/{tail:.*}", app)
-    runner = web.AppRunner(application, access_log=None)
-    await runner.setup()
-    app_port = free_port(APP_IP)
-    await web.TCPSite(runner, APP_IP, app_port).start()
-    route = Route(
-        "all", RouteMatch(PathKind.PREFIX, "/"), RouteAction(clusters=(("app", 1),), total_weight=1)
-    )
-    table = RouteTable.build("t", (VirtualHost("in", ("*",), (route,)),))
+    runner, app_port = await start_app(app)
     unchecked = MixerFilter(
         address=mixer,
         check=False,
         attributes={"destination.service": "reviews.default.svc.cluster.local"},
     )
     port = free_port(PROXY_IP)
-    snapshot = Snapshot(
-        listeners={
-            "reviews": Listener(
-                "reviews",
-                PROXY_IP,
-                port,
-                True,
-                False,
-                HttpManager("inbound_reviews", routes=table),
-                inbound=True,
-                mixer=unchecked,
-            ),
-        },
-        clusters={
-            "app": Cluster("app", ClusterType.STATIC, endpoints=(Endpoint(APP_IP, app_port),))
-        },
-    )
+    snapshot = inbound("reviews", port, app_port, unchecked)
     context = Context()
     listeners = ListenerManager(context, PROXY_IP)
     context.apply(snapshot)
@@ -251,16 +269,7 @@ async def test_quotas_a_spec_charges_are_answered_429_when_not_granted(mixer: st
         hits.append(request.path)
         return web.Response(text="ratings")
 
-    application = web.Application()
-    application.router.add_get("/{tail:.*}", app)
-    runner = web.AppRunner(application, access_log=None)
-    await runner.setup()
-    app_port = free_port(APP_IP)
-    await web.TCPSite(runner, APP_IP, app_port).start()
-    route = Route(
-        "all", RouteMatch(PathKind.PREFIX, "/"), RouteAction(clusters=(("app", 1),), total_weight=1)
-    )
-    table = RouteTable.build("t", (VirtualHost("in", ("*",), (route,)),))
+    runner, app_port = await start_app(app)
     # A QuotaSpec rule charging requests under /ratings only.
     charged = QuotaRule(
         match=((AttributeMatch("request.path", prefix="/ratings"),),),
@@ -275,23 +284,7 @@ async def test_quotas_a_spec_charges_are_answered_429_when_not_granted(mixer: st
     port = free_port(PROXY_IP)
 
     def snapshot(mixer: MixerFilter) -> Snapshot:
-        return Snapshot(
-            listeners={
-                "ratings": Listener(
-                    "ratings",
-                    PROXY_IP,
-                    port,
-                    True,
-                    False,
-                    HttpManager("inbound_ratings", routes=table),
-                    inbound=True,
-                    mixer=mixer,
-                )
-            },
-            clusters={
-                "app": Cluster("app", ClusterType.STATIC, endpoints=(Endpoint(APP_IP, app_port),))
-            },
-        )
+        return inbound("ratings", port, app_port, mixer)
 
     context = Context()
     listeners = ListenerManager(context, PROXY_IP)
