@@ -80,7 +80,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHECK = "/istio.mixer.v1.Mixer/Check"
 REPORT = "/istio.mixer.v1.Mixer/Report"
 
-POLICY = """
+# The denier and the whitelist both policies use (each with its own rules).
+DENIER = """
 apiVersion: config.istio.io/v1alpha2
 kind: denier
 metadata: {name: handler, namespace: istio-system}
@@ -91,19 +92,27 @@ kind: checknothing
 metadata: {name: denyrequest, namespace: istio-system}
 spec: {}
 ---
+"""
+WHITELIST = """
 apiVersion: config.istio.io/v1alpha2
+kind: listchecker
+metadata: {name: whitelist, namespace: istio-system}
+spec: {overrides: [v1, v2], blacklist: false}
+---
+"""
+
+POLICY = (
+    DENIER
+    + """apiVersion: config.istio.io/v1alpha2
 kind: rule
 metadata: {name: denyreviewsv3, namespace: istio-system}
 spec:
   match: destination.labels["app"] == "ratings" && source.labels["version"] == "v3"
   actions: [{handler: handler.denier, instances: [denyrequest.checknothing]}]
 ---
-apiVersion: config.istio.io/v1alpha2
-kind: listchecker
-metadata: {name: whitelist, namespace: istio-system}
-spec: {overrides: [v1, v2], blacklist: false}
----
-apiVersion: config.istio.io/v1alpha2
+"""
+    + WHITELIST
+    + """apiVersion: config.istio.io/v1alpha2
 kind: listentry
 metadata: {name: sourceversion, namespace: istio-system}
 spec: {value: 'source.labels["version"] | "none"'}
@@ -136,6 +145,7 @@ spec:
   match: request.method == "GET" || request.method == "POST"
   actions: [{handler: handler.memquota, instances: [requestcount.quota]}]
 """
+)
 
 BAG: dict[str, Any] = {
     "source.labels": {"app": "reviews", "version": "v2"},
@@ -463,30 +473,18 @@ spec:
 # whose match is false for it, and a listchecker whitelist that passes. Mixer's answer
 # references destination.labels only, so the proxy's cache answers all but the first Check of
 # each valid period (10 s, 10,000 uses).
-PROXY_POLICY = """
-apiVersion: config.istio.io/v1alpha2
-kind: denier
-metadata: {name: handler, namespace: istio-system}
-spec: {status: {code: 7, message: Not allowed}}
----
-apiVersion: config.istio.io/v1alpha2
-kind: checknothing
-metadata: {name: denyrequest, namespace: istio-system}
-spec: {}
----
-apiVersion: config.istio.io/v1alpha2
+PROXY_POLICY = (
+    DENIER
+    + """apiVersion: config.istio.io/v1alpha2
 kind: rule
 metadata: {name: denyratings, namespace: istio-system}
 spec:
   match: destination.labels["app"] == "ratings"
   actions: [{handler: handler.denier, instances: [denyrequest.checknothing]}]
 ---
-apiVersion: config.istio.io/v1alpha2
-kind: listchecker
-metadata: {name: whitelist, namespace: istio-system}
-spec: {overrides: [v1, v2], blacklist: false}
----
-apiVersion: config.istio.io/v1alpha2
+"""
+    + WHITELIST
+    + """apiVersion: config.istio.io/v1alpha2
 kind: listentry
 metadata: {name: destinationversion, namespace: istio-system}
 spec: {value: 'destination.labels["version"] | "none"'}
@@ -497,6 +495,7 @@ metadata: {name: checkversion, namespace: istio-system}
 spec:
   actions: [{handler: whitelist.listchecker, instances: [destinationversion.listentry]}]
 """
+)
 
 
 def scrape(port: int) -> dict[str, float]:

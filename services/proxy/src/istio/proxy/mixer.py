@@ -294,7 +294,7 @@ def request_attributes(mixer: MixerFilter, record: RequestRecord) -> dict[str, A
         # (the filter is held with its base, so its id is not another's while the key lives)
         found = _BASES[key] = (mixer, _request_base(mixer, record))
     bag = found[1].copy()  # (faster than a {**base, ...} display)
-    bag["request.time"] = _from_timestamp(time_ns / 1e9, _UTC)
+    bag["request.time"] = _time(time_ns)
     if request_id:
         bag["request.id"] = request_id
     return bag

@@ -78,9 +78,8 @@ class ReporterProcess:
     (`request` and `connection` answer False: the reporter is down, or behind) is the
     caller's to report inline; records it took but could not write go to `fallback`."""
 
-    def __init__(self, fallback: Reporter | None = None, argv: Sequence[str] | None = None) -> None:
+    def __init__(self, fallback: Reporter | None = None) -> None:
         self.fallback = fallback
-        self.argv = list(argv) if argv is not None else reporter_argv()
         self.process: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self.pending: list[tuple[Any, ...]] = []
@@ -237,7 +236,7 @@ class ReporterProcess:
         ours, theirs = socket.socketpair()
         try:
             self.process = subprocess.Popen(
-                [*self.argv, "--fd", str(theirs.fileno())],
+                [*reporter_argv(), "--fd", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
